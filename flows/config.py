@@ -1,0 +1,165 @@
+"""Typed model configuration and a strict dict -> dataclass loader.
+
+``dataclass_from_dict`` is deliberately strict: an unknown key or a value of the wrong type is a
+``ValueError`` naming its dotted path (``model.split.sigma``), because a silently ignored typo in an
+experiment config wastes a GPU-week.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+COUPLINGS = ("affine", "additive")
+
+
+@dataclass(kw_only=True)
+class SplitConfig:
+    """Which split strategy decides the channels that are factored out at each split."""
+
+    strategy: str = "static"
+
+
+@dataclass(kw_only=True)
+class FlowConfig:
+    """A Glow-style multi-scale flow: ``num_levels`` x [squeeze, ``num_steps`` x step, split].
+
+    image_shape: (C, H, W) of the data; H and W must be divisible by 2**num_levels.
+    """
+
+    image_shape: tuple[int, int, int] = (3, 32, 32)
+    num_levels: int = 3
+    num_steps: int = 8
+    hidden_channels: int = 128
+    coupling: str = "affine"
+    split_prior: str = "gaussian"
+    learn_top_prior: bool = True
+    n_bits: int = 8
+    init_seed: int = 0
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+    def __post_init__(self) -> None:
+        if len(self.image_shape) != 3 or any(int(s) < 1 for s in self.image_shape):
+            raise ValueError(f"image_shape: expected (C, H, W) of positive ints, got {self.image_shape}")
+        self.image_shape = tuple(int(s) for s in self.image_shape)
+        _, height, width = self.image_shape
+        if self.num_levels < 1:
+            raise ValueError(f"num_levels: must be >= 1, got {self.num_levels}")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps: must be >= 1, got {self.num_steps}")
+        if self.hidden_channels < 1:
+            raise ValueError(f"hidden_channels: must be >= 1, got {self.hidden_channels}")
+        factor = 2**self.num_levels
+        if height % factor or width % factor:
+            raise ValueError(
+                f"image_shape: height and width ({height}x{width}) must be divisible by "
+                f"2**num_levels = {factor}"
+            )
+        if not 1 <= self.n_bits <= 8:
+            raise ValueError(f"n_bits: must be in 1..8, got {self.n_bits}")
+        if self.coupling not in COUPLINGS:
+            raise ValueError(f"coupling: unknown {self.coupling!r}; choose one of {COUPLINGS}")
+        if self.split_prior not in ("gaussian", "standard"):
+            raise ValueError(f"split_prior: unknown {self.split_prior!r}; choose 'gaussian' or 'standard'")
+
+    @property
+    def num_dims(self) -> int:
+        c, h, w = self.image_shape
+        return c * h * w
+
+
+def _check_value(value: Any, annotation: Any, path: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: expected a mapping, got {value!r}")
+        return dataclass_from_dict(annotation, value, path=path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, path)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{path}: bad value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"{path}: {value!r} is not one of {args}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{path}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ValueError(f"{path}: expected {len(args)} items, got {len(value)}")
+            return tuple(
+                _check_value(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+            )
+        item = args[0] if args else Any
+        items = [_check_value(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def dataclass_from_dict(cls: type[T], data: dict[str, Any], *, path: str = "") -> T:
+    """Build ``cls`` from a (YAML-loaded) dict; unknown keys and wrong types raise ValueError."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{path or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ValueError(f"unknown config field {where}{unknown[0]} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _check_value(value, hints[name], f"{path}.{name}" if path else name)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}" if path else str(e)) from e
+
+
+def dataclass_to_dict(obj: Any) -> dict[str, Any]:
+    """The inverse of ``dataclass_from_dict`` (tuples become lists, so YAML and JSON round-trip)."""
+
+    def convert(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [convert(i) for i in v]
+        if isinstance(v, dict):
+            return {k: convert(i) for k, i in v.items()}
+        return v
+
+    return convert(dataclasses.asdict(obj))

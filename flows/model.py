@@ -1,0 +1,182 @@
+"""The Glow-style multi-scale flow and its public API (see shared DESIGN.md).
+
+Architecture (Glow, Kingma & Dhariwal 2018, fig. 2): for each of L levels, squeeze, then K steps of
+[ActNorm, invertible 1x1 conv, coupling], then (except at the top) a split that factors half of the
+channels out as a latent. The top latent goes through a learned per-channel Gaussian prior.
+
+Every latent returned by ``encode`` is standard normal under the model: the learned split and top
+priors are affine standardisations inside the flow (see flows/split.py), so
+log p(x) = sum_i log N(z_i; 0, I) + log_det.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from flows.actnorm import ActNorm
+from flows.bijection import Bijection, Compose, standard_normal_log_prob
+from flows.config import FlowConfig
+from flows.coupling import AdditiveCoupling, AffineCoupling
+from flows.invconv import InvConv1x1
+from flows.split import LearnedTopPrior, Split
+from flows.squeeze import Squeeze
+from flows.strategies import build_split_strategy
+
+
+def flow_step(num_channels: int, cfg: FlowConfig, generator: torch.Generator) -> Compose:
+    """One Glow step of flow: ActNorm -> 1x1 conv -> coupling."""
+    coupling_cls = AffineCoupling if cfg.coupling == "affine" else AdditiveCoupling
+    return Compose(
+        ActNorm(num_channels),
+        InvConv1x1(num_channels, generator=generator),
+        coupling_cls(num_channels, cfg.hidden_channels),
+    )
+
+
+class FlowModel(nn.Module):
+    """x (B, C, H, W) in model space [-0.5, 0.5] <-> latents, one per split plus the top."""
+
+    def __init__(self, cfg: FlowConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        generator = torch.Generator().manual_seed(cfg.init_seed)
+        c, h, w = cfg.image_shape
+        self.levels = nn.ModuleList()
+        self.splits = nn.ModuleList()
+        self.latent_shapes: list[tuple[int, int, int]] = []
+        for level in range(cfg.num_levels):
+            c, h, w = 4 * c, h // 2, w // 2
+            self.levels.append(
+                Compose(Squeeze(), *[flow_step(c, cfg, generator) for _ in range(cfg.num_steps)])
+            )
+            if level < cfg.num_levels - 1:
+                strategy = build_split_strategy(cfg.split, num_channels=c, height=h, width=w)
+                split = Split(c, strategy=strategy, prior=cfg.split_prior)
+                self.splits.append(split)
+                self.latent_shapes.append((c - split.num_keep, h, w))
+                c = split.num_keep
+        self.top_prior: Bijection | None = LearnedTopPrior(c) if cfg.learn_top_prior else None
+        self.latent_shapes.append((c, h, w))
+
+    @property
+    def num_dims(self) -> int:
+        return self.cfg.num_dims
+
+    # ------------------------------------------------------------------ bijection
+    def encode(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """x: (B, C, H, W) float -> (zs, log_det (B,)); zs[i] has shape (B, *latent_shapes[i])."""
+        zs: list[Tensor] = []
+        log_det = x.new_zeros(x.shape[0])
+        for level, steps in enumerate(self.levels):
+            x, ld = steps(x)
+            log_det = log_det + ld
+            if level < len(self.splits):
+                split = self.splits[level]
+                y, ld = split(x)
+                log_det = log_det + ld
+                x, z = y[:, : split.num_keep], y[:, split.num_keep :]
+                zs.append(z)
+        if self.top_prior is not None:
+            x, ld = self.top_prior(x)
+            log_det = log_det + ld
+        zs.append(x)
+        return zs, log_det
+
+    def decode(self, zs: list[Tensor]) -> Tensor:
+        """The exact inverse of ``encode``: every latent (as returned by encode) -> x (B, C, H, W)."""
+        if len(zs) != len(self.latent_shapes):
+            raise ValueError(f"decode: expected {len(self.latent_shapes)} latents, got {len(zs)}")
+        x = zs[-1] if self.top_prior is None else self.top_prior.inverse(zs[-1])
+        for level in reversed(range(len(self.levels))):
+            if level < len(self.splits):
+                x = self.splits[level].inverse(torch.cat([x, zs[level]], dim=1))
+            x = self.levels[level].inverse(x)
+        return x
+
+    # ------------------------------------------------------------------ likelihood
+    def _check_uint8(self, x_uint8: Tensor, what: str) -> None:
+        if not isinstance(x_uint8, Tensor):
+            raise ValueError(f"{what}: expected a torch.Tensor of uint8 pixels, got {type(x_uint8).__name__}")
+        if x_uint8.dtype != torch.uint8:
+            raise ValueError(
+                f"{what}: expected dtype torch.uint8 pixels in 0..255, got {x_uint8.dtype}; "
+                "pass raw pixels, the model dequantizes them itself"
+            )
+        if x_uint8.dim() != 4 or tuple(x_uint8.shape[1:]) != self.cfg.image_shape:
+            raise ValueError(
+                f"{what}: expected shape (B, {', '.join(map(str, self.cfg.image_shape))}), "
+                f"got {tuple(x_uint8.shape)}"
+            )
+
+    def dequantize(self, x_uint8: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Uniform dequantization: uint8 (B, C, H, W) -> float in [-0.5, 0.5).
+
+        Pixels are first reduced to ``n_bits`` (Glow's n_bits_x), k = x >> (8 - n_bits), then
+        x = (k + u) / 2**n_bits - 0.5 with u ~ U[0, 1). The float dtype is the parameters' dtype.
+        """
+        self._check_uint8(x_uint8, "dequantize")
+        dtype = next(self.parameters()).dtype
+        k = torch.div(x_uint8, 2 ** (8 - self.cfg.n_bits), rounding_mode="floor").to(dtype)
+        u = torch.rand(k.shape, generator=generator, dtype=dtype, device="cpu" if generator else k.device)
+        return (k + u.to(k.device)) / 2**self.cfg.n_bits - 0.5
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Continuous log-density of x in model space, (B, C, H, W) -> (B,)."""
+        zs, log_det = self.encode(x)
+        return sum(standard_normal_log_prob(z) for z in zs) + log_det
+
+    def bits_per_dim(self, x_uint8: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Dequantized negative log-likelihood in bits per dimension, uint8 (B, C, H, W) -> (B,).
+
+        -log p(x_discrete) <= -log p(x + u) + D log(2**n_bits) (Theis et al. 2016); the
+        D log(2**n_bits) term converts the density on [-0.5, 0.5) to one on the integer grid.
+        Differentiable: the training loss is its mean.
+        """
+        self._check_uint8(x_uint8, "bits_per_dim")
+        x = self.dequantize(x_uint8, generator=generator)
+        d = self.num_dims
+        nll = -self.log_prob(x) + d * self.cfg.n_bits * math.log(2.0)
+        return nll / (d * math.log(2.0))
+
+    def regularization(self) -> Tensor:
+        """Sum of the split strategies' regularisers from the last forward pass (0 for static splits)."""
+        p = next(self.parameters())
+        total = p.new_zeros(())
+        for split in self.splits:
+            reg = split.strategy.regularization()
+            if reg is not None:
+                total = total + reg
+        return total
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self, num: int, temperature: float = 1.0, *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Draw ``num`` images as uint8 (num, C, H, W); latents are N(0, temperature**2 I) (Glow)."""
+        if num < 1:
+            raise ValueError(f"sample: num must be >= 1, got {num}")
+        if not temperature >= 0.0:
+            raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
+        p = next(self.parameters())
+        zs = [
+            temperature * torch.randn((num, *shape), generator=generator, dtype=p.dtype).to(p.device)
+            for shape in self.latent_shapes
+        ]
+        return self.quantize(self.decode(zs))
+
+    def quantize(self, x: Tensor) -> Tensor:
+        """Model space float (B, C, H, W) -> uint8 pixels on the n_bits grid, clamped to range."""
+        levels = 2**self.cfg.n_bits
+        k = torch.floor((x + 0.5) * levels).clamp_(0, levels - 1)
+        return (k * 2 ** (8 - self.cfg.n_bits)).to(torch.uint8)
+
+
+def build_flow(cfg: FlowConfig) -> FlowModel:
+    """The public constructor: a ``FlowModel`` for ``cfg`` (ActNorm not yet initialised)."""
+    if not isinstance(cfg, FlowConfig):
+        raise ValueError(f"build_flow: expected a FlowConfig, got {type(cfg).__name__}")
+    return FlowModel(cfg)
