@@ -1,0 +1,1 @@
+"""One module per dataset layout; each turns options into SplitSource objects."""

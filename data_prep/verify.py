@@ -1,0 +1,164 @@
+"""`python -m data_prep verify DIR`: re-hash, re-count and decode every sample of a converted dataset.
+
+Checks per split: manifest valid and complete; no unlisted .tar files; per shard: file present,
+sha256 as recorded, tar readable to the end, sample count as recorded, every sample has a `png` that
+decodes to the manifest's resolution and channels, `cls` (if any) an integer, keys unique in the split.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import sys
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from data_prep import manifest as mf
+from data_prep.writer import sha256_file
+
+
+@dataclass(frozen=True, kw_only=True)
+class Problem:
+    split_dir: str
+    shard: str | None
+    key: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = "/".join(x for x in (self.shard, self.key) if x)
+        return f"{self.split_dir}: {where + ': ' if where else ''}{self.message}"
+
+
+def split_dirs(path: Path) -> list[Path]:
+    if (path / mf.MANIFEST_NAME).exists():
+        return [path]
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such directory")
+    found = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_dir()
+        and any((p / n).exists() for n in (mf.MANIFEST_NAME, mf.PROGRESS_NAME))
+        or mf.list_shard_files(p)
+    )
+    if not found:
+        raise ValueError(f"{path}: no {mf.MANIFEST_NAME} here or in its subfolders")
+    return found
+
+
+def verify_path(path: str | Path, *, workers: int = 1) -> list[Problem]:
+    problems: list[Problem] = []
+    for d in split_dirs(Path(path)):
+        problems += verify_split(d, workers=workers)
+    return problems
+
+
+def verify_split(split_dir: Path, *, workers: int = 1) -> list[Problem]:
+    sd = str(split_dir)
+    try:
+        m = mf.read_manifest(split_dir)
+    except ValueError as exc:
+        return [Problem(split_dir=sd, shard=None, key=None, message=str(exc))]
+    problems = []
+    listed = {s["name"] for s in m["shards"]}
+    for extra in mf.list_shard_files(split_dir):
+        if extra.name not in listed:
+            problems.append(
+                Problem(split_dir=sd, shard=extra.name, key=None, message="not listed in the manifest")
+            )
+    h, w = m["resolution"]
+    jobs = [(split_dir, s, h, w, m["channels"]) for s in m["shards"]]
+    if workers > 1 and len(jobs) > 1:
+        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            results = pool.starmap(verify_shard, jobs)
+    else:
+        results = [verify_shard(*j) for j in jobs]
+    keys: Counter[str] = Counter()
+    for shard_problems, shard_keys in results:
+        problems += shard_problems
+        keys.update(shard_keys)
+    for key, n in sorted(keys.items()):
+        if n > 1:
+            problems.append(
+                Problem(split_dir=sd, shard=None, key=key, message=f"key appears {n} times in the split")
+            )
+    return problems
+
+
+def verify_shard(
+    split_dir: Path, entry: dict, h: int, w: int, channels: int
+) -> tuple[list[Problem], list[str]]:
+    name, sd = entry["name"], str(split_dir)
+    path = split_dir / name
+
+    def problem(message: str, key: str | None = None) -> Problem:
+        return Problem(split_dir=sd, shard=name, key=key, message=message)
+
+    if not path.is_file():
+        return [problem("missing")], []
+    problems = []
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        problems.append(problem(f"sha256 {digest[:16]}... != manifest {entry['sha256'][:16]}..."))
+    samples: dict[str, dict[str, bytes]] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                key, _, ext = base.partition(".")
+                key = member.name[: len(member.name) - len(base)] + key
+                if key not in samples:
+                    samples[key] = {}
+                    order.append(key)
+                f = tar.extractfile(member)
+                data = f.read() if f else b""
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} truncated")
+                samples[key][ext] = data
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        problems.append(problem(f"tar unreadable after {len(order)} samples ({exc})"))
+    if len(order) != entry["count"]:
+        problems.append(problem(f"{len(order)} samples, manifest says {entry['count']}"))
+    for key in order:
+        problems += [problem(msg, key) for msg in _check_sample(samples[key], h, w, channels)]
+    return problems, order
+
+
+def _check_sample(sample: dict[str, bytes], h: int, w: int, channels: int) -> list[str]:
+    out = []
+    if "png" not in sample:
+        return [f"no png (has {sorted(sample)})"]
+    try:
+        with Image.open(io.BytesIO(sample["png"])) as img:
+            if img.format != "PNG":
+                out.append(f"png member is {img.format}, not PNG")
+            img.load()
+            c = {"RGB": 3, "L": 1}.get(img.mode)
+            if c != channels:
+                out.append(f"mode {img.mode}, manifest says {channels} channels")
+            if (img.height, img.width) != (h, w):
+                out.append(f"{img.height}x{img.width}, manifest says {h}x{w}")
+    except Exception as exc:  # any decoder failure is a finding, not a crash
+        out.append(f"png does not decode ({type(exc).__name__}: {exc})")
+    if "cls" in sample:
+        try:
+            int(sample["cls"].decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            out.append(f"cls {sample['cls'][:20]!r} is not an integer")
+    return out
+
+
+def print_report(path: Path, problems: list[Problem], stream=sys.stdout) -> None:
+    if not problems:
+        print(f"{path}: OK", file=stream)
+        return
+    for p in problems:
+        print(p, file=stream)
+    print(f"{path}: {len(problems)} problem(s)", file=stream)

@@ -1,0 +1,133 @@
+"""Writing one shard: a deterministic tar under a temporary name, hashed while written, renamed when done.
+
+Determinism: webdataset's TarWriter with a fixed mtime, empty user/group names (uid/gid are 0 in
+tarfile's TarInfo), a fixed mode and USTAR format; members are written in sample order and, within a
+sample, in sorted extension order. Together with deterministic PNG encoding the same samples give
+byte-identical shards on every run and with any number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import webdataset as wds
+
+from data_prep.manifest import TMP_PREFIX
+
+FIXED_MTIME = 0
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sample:
+    """One converted image: `key` has no dots or slashes (webdataset splits names at the first dot)."""
+
+    key: str
+    png: bytes
+    label: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Skipped:
+    """A source position whose bytes could not be decoded; only the LSUN converter produces these."""
+
+    key: str
+    reason: str
+
+
+@dataclass(kw_only=True)
+class ShardRecord:
+    index: int
+    name: str
+    count: int
+    sha256: str
+    skipped: list[str] = field(default_factory=list)
+
+    def manifest_entry(self) -> dict:
+        entry: dict = {"name": self.name, "count": self.count, "sha256": self.sha256}
+        if self.skipped:
+            entry["skipped"] = list(self.skipped)
+        return entry
+
+
+class _HashingFile:
+    """A write-only file wrapper that feeds every byte to sha256 as it goes out."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.hash = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
+class ShardFile:
+    """Open `final_path`'s temporary sibling, add samples, `finish()` renames it into place.
+
+    If the process dies before `finish`, only a `.tmp-*` file remains; the next run deletes it.
+    """
+
+    def __init__(self, final_path: Path, *, index: int):
+        self.final_path = Path(final_path)
+        self.index = index
+        self.tmp_path = self.final_path.with_name(f"{TMP_PREFIX}{self.final_path.name}.{os.getpid()}")
+        self._raw = open(self.tmp_path, "wb")
+        self._hashing = _HashingFile(self._raw)
+        self._tar = wds.TarWriter(
+            self._hashing, user="", group="", mode=0o444, compress=False, encoder=False, mtime=FIXED_MTIME
+        )
+        self.count = 0
+        self.skipped: list[str] = []
+        self._keys: set[str] = set()
+
+    def add(self, sample: Sample) -> None:
+        if sample.key in self._keys:
+            raise ValueError(f"duplicate key {sample.key!r} in {self.final_path.name}")
+        assert "." not in sample.key and "/" not in sample.key, sample.key
+        self._keys.add(sample.key)
+        obj = {"__key__": sample.key, "png": sample.png}
+        if sample.label is not None:
+            obj["cls"] = str(int(sample.label)).encode("ascii")
+        self._tar.write(obj)
+        self.count += 1
+
+    def skip(self, item: Skipped) -> None:
+        self.skipped.append(item.key)
+
+    def finish(self) -> ShardRecord:
+        self._tar.close()  # writes the end-of-archive blocks through the hashing wrapper
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+        os.replace(self.tmp_path, self.final_path)
+        return ShardRecord(
+            index=self.index,
+            name=self.final_path.name,
+            count=self.count,
+            sha256=self._hashing.hash.hexdigest(),
+            skipped=self.skipped,
+        )
+
+    def abort(self) -> None:
+        try:
+            self._raw.close()
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
