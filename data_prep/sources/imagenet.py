@@ -143,6 +143,7 @@ def _inspect(root: Path, paths: list[Path], resolution: int | None) -> tuple[lis
             raise ValueError(
                 f"{p}: data width {width} means {r}x{r} images, expected {res}x{res} (width {3 * res * res})"
             )
+        read_labels(p, rows)  # small; failing here beats failing after hours of shards
         files.append(NpzFile(path=p, rel=str(p.relative_to(root)), rows=rows, size=p.stat().st_size))
     assert res is not None
     return files, res
