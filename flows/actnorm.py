@@ -42,7 +42,9 @@ class ActNorm(Bijection):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self._init_pending:
             self._initialize_from(x)
-        y = (x + self.bias) * torch.exp(self.log_scale)
+        scale = torch.exp(self.log_scale)
+        # Same as (x + bias) * scale, but autograd keeps only x (alive anyway), not a new activation.
+        y = torch.addcmul(self.bias * scale, x, scale)
         log_det = (x.shape[2] * x.shape[3]) * self.log_scale.sum()
         return y, log_det.expand(x.shape[0])
 
