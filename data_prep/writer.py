@@ -8,6 +8,7 @@ byte-identical shards on every run and with any number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -120,6 +121,9 @@ class ShardFile:
 
     def abort(self) -> None:
         try:
+            # Close the tar stream first, or its finaliser later writes into the closed file.
+            with contextlib.suppress(Exception):
+                self._tar.close()
             self._raw.close()
         finally:
             self.tmp_path.unlink(missing_ok=True)
