@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import fcntl
+import json
 import math
 import multiprocessing as mp
 import queue as queue_mod
@@ -91,6 +92,7 @@ def convert_split(source: SplitSource, opts: RunOptions) -> dict:
         "inputs": source.inputs(),
         **opts.extra_config,
     }
+    config = json.loads(json.dumps(config))  # tuples -> lists, so it compares equal to what is read back
     n_shards = math.ceil(n / opts.shard_size)
     with _locked(split_dir):
         mf.remove_temporaries(split_dir)

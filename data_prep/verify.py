@@ -155,7 +155,8 @@ def _check_sample(sample: dict[str, bytes], h: int, w: int, channels: int) -> li
     return out
 
 
-def print_report(path: Path, problems: list[Problem], stream=sys.stdout) -> None:
+def print_report(path: Path, problems: list[Problem], stream=None) -> None:
+    stream = stream or sys.stdout  # looked up per call: tests and tools swap sys.stdout
     if not problems:
         print(f"{path}: OK", file=stream)
         return

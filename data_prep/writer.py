@@ -1,20 +1,22 @@
 """Writing one shard: a deterministic tar under a temporary name, hashed while written, renamed when done.
 
-Determinism: webdataset's TarWriter with a fixed mtime, empty user/group names (uid/gid are 0 in
-tarfile's TarInfo), a fixed mode and USTAR format; members are written in sample order and, within a
-sample, in sorted extension order. Together with deterministic PNG encoding the same samples give
-byte-identical shards on every run and with any number of workers.
+The tar layout is exactly what webdataset's TarWriter writes (USTAR, one member `{key}.{ext}` per
+field, extensions in sorted order), produced with `tarfile` directly: importing webdataset pulls in
+torch (~2 s per worker process), which the converters do not otherwise need.
+Determinism: fixed mtime, uid/gid 0, empty user/group names, fixed mode; members in sample order.
+Together with deterministic PNG encoding the same samples give byte-identical shards on every run
+and with any number of workers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import webdataset as wds
 
 from data_prep.manifest import TMP_PREFIX
 
@@ -84,9 +86,7 @@ class ShardFile:
         self.tmp_path = self.final_path.with_name(f"{TMP_PREFIX}{self.final_path.name}.{os.getpid()}")
         self._raw = open(self.tmp_path, "wb")
         self._hashing = _HashingFile(self._raw)
-        self._tar = wds.TarWriter(
-            self._hashing, user="", group="", mode=0o444, compress=False, encoder=False, mtime=FIXED_MTIME
-        )
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w|", format=tarfile.USTAR_FORMAT)
         self.count = 0
         self.skipped: list[str] = []
         self._keys: set[str] = set()
@@ -96,10 +96,15 @@ class ShardFile:
             raise ValueError(f"duplicate key {sample.key!r} in {self.final_path.name}")
         assert "." not in sample.key and "/" not in sample.key, sample.key
         self._keys.add(sample.key)
-        obj = {"__key__": sample.key, "png": sample.png}
+        fields = {"png": sample.png}
         if sample.label is not None:
-            obj["cls"] = str(int(sample.label)).encode("ascii")
-        self._tar.write(obj)
+            fields["cls"] = str(int(sample.label)).encode("ascii")
+        for ext in sorted(fields):
+            info = tarfile.TarInfo(f"{sample.key}.{ext}")
+            info.size, info.mtime, info.mode = len(fields[ext]), FIXED_MTIME, 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(fields[ext]))
         self.count += 1
 
     def skip(self, item: Skipped) -> None:
