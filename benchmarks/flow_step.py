@@ -1,0 +1,221 @@
+"""Training-step time and peak memory of our Glow against normflows' Glow at the same architecture.
+
+    python benchmarks/flow_step.py [--device cpu|cuda] [--levels 3 --steps 8 --hidden 128 --batch 16 --size 32]
+
+One training step = dequantize + forward + bits/dim loss + backward + Adam step. Both models have L
+levels of K Glow steps (ActNorm, LU 1x1 conv, affine coupling with sigmoid scale and a
+conv3x3-conv1x1-conv3x3 net of the same width) on the same images. Differences that remain are the
+libraries' own: normflows' split latents get a learned diagonal Gaussian, ours the conditional Glow
+prior (``split_prior=gaussian``, one extra 3x3 conv per split); ``split_prior=standard`` is timed too.
+
+Step times are medians over interleaved rounds in one process (so machine load hits both alike);
+peak memory is measured in a fresh subprocess per model: on CUDA torch.cuda.max_memory_allocated,
+on CPU the growth of the process's peak RSS (ru_maxrss) over its RSS after building the model and
+running one warm-up step, i.e. the memory a step needs beyond weights, optimizer state and libraries.
+normflows is an optional dependency (`pip install normflows`, the `bench` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import warnings
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+warnings.filterwarnings("ignore", message="torch.lu is deprecated")
+
+from flows import FlowConfig, build_flow, initialize_actnorm  # noqa: E402
+
+
+def build_ours(args: argparse.Namespace, split_prior: str):
+    cfg = FlowConfig(
+        image_shape=(3, args.size, args.size),
+        num_levels=args.levels,
+        num_steps=args.steps,
+        hidden_channels=args.hidden,
+        split_prior=split_prior,
+    )
+    model = build_flow(cfg).to(args.device)
+    initialize_actnorm(model, images(args).to(args.device))
+
+    def loss_fn(x_uint8: torch.Tensor) -> torch.Tensor:
+        return model.bits_per_dim(x_uint8).mean()
+
+    return model, loss_fn
+
+
+def build_normflows(args: argparse.Namespace):
+    """normflows' own Glow recipe (examples/glow.ipynb), unconditional."""
+    import normflows as nf
+
+    c, size, levels = 3, args.size, args.levels
+    q0, merges, flows = [], [], []
+    for i in range(levels):
+        level_flows = [
+            nf.flows.GlowBlock(c * 2 ** (levels + 1 - i), args.hidden, split_mode="channel", scale=True)
+            for _ in range(args.steps)
+        ]
+        level_flows.append(nf.flows.Squeeze())
+        flows.append(level_flows)
+        if i > 0:
+            merges.append(nf.flows.Merge())
+            latent = (c * 2 ** (levels - i), size // 2 ** (levels - i), size // 2 ** (levels - i))
+        else:
+            latent = (c * 2 ** (levels + 1), size // 2**levels, size // 2**levels)
+        q0.append(nf.distributions.DiagGaussian(latent))
+    model = nf.MultiscaleFlow(q0, flows, merges, class_cond=False).to(args.device)
+    d = c * size * size
+
+    def loss_fn(x_uint8: torch.Tensor) -> torch.Tensor:
+        x = (x_uint8.float() + torch.rand_like(x_uint8, dtype=torch.float32)) / 256 - 0.5
+        nll = -model.log_prob(x, None) + d * torch.log(torch.tensor(256.0))
+        return (nll / (d * torch.log(torch.tensor(2.0)))).mean()
+
+    with torch.no_grad():  # normflows' ActNorm initialises on its first forward
+        loss_fn(images(args).to(args.device))
+    return model, loss_fn
+
+
+def images(args: argparse.Namespace) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (args.batch, 3, args.size, args.size), generator=g, dtype=torch.uint8)
+
+
+def make(args: argparse.Namespace, name: str):
+    if name == "normflows":
+        return build_normflows(args)
+    return build_ours(args, split_prior=name.removeprefix("ours-"))
+
+
+def step_fn(model, loss_fn, x):
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        loss = loss_fn(x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(args: argparse.Namespace, names: list[str]) -> dict[str, float]:
+    x = images(args).to(args.device)
+    steps = {}
+    for name in names:
+        torch.manual_seed(0)
+        model, loss_fn = make(args, name)
+        steps[name] = step_fn(model, loss_fn, x)
+        for _ in range(args.warmup):
+            steps[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(args.rounds):
+        for name in names:
+            sync(args.device)
+            t0 = time.perf_counter()
+            steps[name]()
+            sync(args.device)
+            times[name].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def saved_activation_mib(loss_fn, x: torch.Tensor) -> float:
+    """Bytes autograd keeps for backward (unique storages), the part of a step's memory that scales
+    with batch and image size. Exact and allocator-independent, unlike RSS on the CPU."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(x)
+    loss.backward()
+    return sum(storages.values()) / 2**20
+
+
+def peak_memory_child(args: argparse.Namespace) -> None:
+    """Runs in a fresh process: prints the peak memory in MiB of a training step of one model."""
+    torch.manual_seed(0)
+    x = images(args).to(args.device)
+    model, loss_fn = make(args, args.child)
+    step = step_fn(model, loss_fn, x)
+    step()  # warm-up: optimizer state and allocator caches exist from here on
+    saved = saved_activation_mib(loss_fn, x)
+    model.zero_grad(set_to_none=True)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with open("/proc/self/statm") as f:
+            base = int(f.read().split()[1]) * resource.getpagesize()
+        for _ in range(2):
+            step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    print(json.dumps({"peak_mib": peak / 2**20, "saved_mib": saved}))
+
+
+def peak_memory(args: argparse.Namespace, name: str) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", name, "--device", args.device]
+    for key in ("levels", "steps", "hidden", "batch", "size"):
+        cmd += [f"--{key}", str(getattr(args, key))]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--levels", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="Glow steps per level (K)")
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        peak_memory_child(args)
+        return
+
+    names = ["normflows", "ours-gaussian", "ours-standard"]
+    print(
+        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"L={args.levels} K={args.steps} hidden={args.hidden} batch={args.batch} image=3x{args.size}x{args.size}"
+    )
+    times = time_steps(args, names)
+    memory = {n: peak_memory(args, n) for n in names}
+    ref_t, ref_m = times["normflows"], memory["normflows"]
+    peak_name = "peak alloc MiB" if args.device == "cuda" else "peak RSS+ MiB"
+    print(f"| model | step ms | x normflows | {peak_name} | x normflows | saved for backward MiB | x normflows |")
+    print("|---|---|---|---|---|---|---|")
+    for n in names:
+        m = memory[n]
+        print(
+            f"| {n} | {times[n] * 1e3:.1f} | {times[n] / ref_t:.2f} | {m['peak_mib']:.1f} | "
+            f"{m['peak_mib'] / ref_m['peak_mib']:.2f} | {m['saved_mib']:.1f} | {m['saved_mib'] / ref_m['saved_mib']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
