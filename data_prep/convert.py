@@ -68,6 +68,8 @@ class RunOptions:
     command: tuple[str, ...] = ()
     progress: bool = True
     extra_config: dict = field(default_factory=dict)
+    # .tar files with neither manifest nor progress record: refuse (default) or delete and rebuild
+    replace_orphans: bool = False
 
     def __post_init__(self):
         if self.shard_size < 1:
@@ -97,7 +99,7 @@ def convert_split(source: SplitSource, opts: RunOptions) -> dict:
     with _locked(split_dir):
         mf.remove_temporaries(split_dir)
         _check_siblings(split_dir, config["dataset"], opts.overwrite)
-        previous, manifest_complete = _load_previous(split_dir, config, opts.overwrite)
+        previous, manifest_complete = _load_previous(split_dir, config, opts.overwrite, opts.replace_orphans)
         done = _still_valid(previous, split_dir, n_shards, opts.workers)
         pending = [i for i in range(n_shards) if i not in done]
         manifest_path = split_dir / mf.MANIFEST_NAME
@@ -122,7 +124,7 @@ def convert_split(source: SplitSource, opts: RunOptions) -> dict:
 @contextlib.contextmanager
 def _locked(split_dir: Path):
     # Two converters in one folder would interleave shards of different runs; make the second wait.
-    with open(split_dir / ".lock", "w") as f:
+    with open(split_dir / ".lock", "a") as f:  # "a": never truncates or touches it
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -155,7 +157,9 @@ def _check_siblings(split_dir: Path, dataset: dict, overwrite: bool) -> None:
                 break
 
 
-def _load_previous(split_dir: Path, config: dict, overwrite: bool) -> tuple[dict[int, ShardRecord], bool]:
+def _load_previous(
+    split_dir: Path, config: dict, overwrite: bool, replace_orphans: bool
+) -> tuple[dict[int, ShardRecord], bool]:
     """Shards an earlier run of the same config finished (not yet re-hashed), and whether it completed."""
     for name, complete_key in ((mf.MANIFEST_NAME, "complete"), (mf.PROGRESS_NAME, None)):
         path = split_dir / name
@@ -184,7 +188,7 @@ def _load_previous(split_dir: Path, config: dict, overwrite: bool) -> tuple[dict
             )
         return recs, bool(complete_key and record.get(complete_key) is True)
     if mf.list_shard_files(split_dir):
-        if overwrite:
+        if overwrite or replace_orphans:
             _wipe(split_dir)
         else:
             raise ValueError(

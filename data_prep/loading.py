@@ -16,6 +16,7 @@ index). Reduce per-image sums across ranks, not means: ranks may get different b
 from __future__ import annotations
 
 import io
+import multiprocessing as mp
 import os
 import random
 from collections.abc import Iterator
@@ -30,6 +31,20 @@ from webdataset.utils import pytorch_worker_info
 from data_prep.manifest import read_manifest
 
 __all__ = ["eval_loader", "read_manifest", "shard_urls", "train_loader"]
+
+
+def _worker_context(num_workers: int):
+    """forkserver for DataLoader workers (fork deadlocks inside Ray workers), with this module preloaded.
+
+    Workers are not persistent (each epoch needs fresh seeds), so they start every epoch; forking
+    them from a server that already imported torch and webdataset makes that milliseconds, not
+    seconds. The preload list only matters before the process's forkserver first starts.
+    """
+    if num_workers == 0:
+        return None
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
 
 
 def shard_urls(split_dir: str | os.PathLike) -> list[str]:
@@ -193,7 +208,7 @@ def train_loader(
         dataset,
         batch_size=None,
         num_workers=num_workers,
-        multiprocessing_context="forkserver" if num_workers > 0 else None,
+        multiprocessing_context=_worker_context(num_workers),
         persistent_workers=False,
     )
     # with_epoch on the loader (not the dataset) counts batches per rank, summed over its workers.
@@ -252,5 +267,8 @@ def eval_loader(
     if num_workers == 0:
         return dataset
     return wds.WebLoader(
-        dataset, batch_size=None, num_workers=num_workers, multiprocessing_context="forkserver"
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        multiprocessing_context=_worker_context(num_workers),
     )

@@ -180,8 +180,9 @@ def ensure_sample_shards(
     """Build the sample set into `out_dir/{train,test}/` unless a valid identical build is there.
 
     Valid means: complete manifests for this exact config and every shard's sha256 matching.
-    Missing or corrupt shards are rebuilt; a folder holding another dataset or config is a
-    ValueError (never silently replaced). Safe to call from several processes at once.
+    Missing or corrupt shards (and shards whose manifest was lost) are rebuilt; a folder holding
+    another dataset or config is a ValueError (never silently replaced). Safe to call from several
+    processes at once. Returns the folder holding `train/` and `test/`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +192,13 @@ def ensure_sample_shards(
         f"n_train={n_train}, n_test={n_test}, shard_size={shard_size})",
     )
     run = RunOptions(
-        output=out, shard_size=shard_size, workers=workers, seed=seed, command=command, progress=progress
+        output=out,
+        shard_size=shard_size,
+        workers=workers,
+        seed=seed,
+        command=command,
+        progress=progress,
+        replace_orphans=True,  # a sample split that lost its manifest is rebuilt, not an error
     )
     with _locked(out / ".sample.lock"):
         for source in sample_sources(opts):
@@ -201,7 +208,7 @@ def ensure_sample_shards(
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    with open(path, "w") as f:
+    with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

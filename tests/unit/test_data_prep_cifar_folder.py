@@ -18,8 +18,13 @@ from data_prep.sources.folder import hash_fraction
 def read_split(split_dir):
     urls = sorted(str(p) for p in split_dir.glob("*.tar"))
     out = {}
-    for s in wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False):
-        out[s["__key__"]] = (np.asarray(Image.open(io.BytesIO(s["png"]))), int(s["cls"]) if "cls" in s else None)
+    for s in wds.WebDataset(
+        urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
+    ):
+        out[s["__key__"]] = (
+            np.asarray(Image.open(io.BytesIO(s["png"]))),
+            int(s["cls"]) if "cls" in s else None,
+        )
     return out
 
 
@@ -32,8 +37,15 @@ def make_cifar(root, n=6, seed=0):
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, n)]
         with open(folder / name, "wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": labels,
-                         b"filenames": [b"x.png"] * n}, f)
+            pickle.dump(
+                {
+                    b"batch_label": name.encode(),
+                    b"data": data,
+                    b"labels": labels,
+                    b"filenames": [b"x.png"] * n,
+                },
+                f,
+            )
         for i in range(n):
             expected[f"{name}_{i:05d}"] = (data[i].reshape(3, 32, 32).transpose(1, 2, 0), labels[i])
     return folder, expected
@@ -42,8 +54,23 @@ def make_cifar(root, n=6, seed=0):
 def test_cifar10_exact(tmp_path):
     folder, expected = make_cifar(tmp_path / "in")
     out = tmp_path / "out"
-    assert main(["cifar10", "--input", str(tmp_path / "in"), "--output", str(out), "--shard-size", "8",
-                 "--workers", "1", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "cifar10",
+                "--input",
+                str(tmp_path / "in"),
+                "--output",
+                str(out),
+                "--shard-size",
+                "8",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     got = {**read_split(out / "train"), **read_split(out / "test")}
     assert got.keys() == expected.keys()
     for key, (pixels, label) in expected.items():
@@ -97,9 +124,29 @@ def test_folder_crop_resize_and_hash_split(tmp_path):
     names = make_folder(root)
     out = tmp_path / "out"
     box = (15, 40, 163, 188)
-    assert main(["folder", "--input", str(root), "--output", str(out), "--crop-box", "15,40,163,188",
-                 "--size", "32", "--test-fraction", "0.3", "--shard-size", "7", "--workers", "1",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "folder",
+                "--input",
+                str(root),
+                "--output",
+                str(out),
+                "--crop-box",
+                "15,40,163,188",
+                "--size",
+                "32",
+                "--test-fraction",
+                "0.3",
+                "--shard-size",
+                "7",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     train, test = read_split(out / "train"), read_split(out / "test")
     assert set(test) == {n.split(".")[0] for n in names if hash_fraction(n) < 0.3}
     assert set(train) | set(test) == {n.split(".")[0] for n in names} and not set(train) & set(test)
@@ -117,11 +164,28 @@ def test_folder_without_size_keeps_pixels(tmp_path):
     root = tmp_path / "imgs"
     names = make_folder(root, n=6)
     out = tmp_path / "out"
-    assert main(["folder", "--input", str(root), "--output", str(out), "--test-fraction", "0",
-                 "--no-progress", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "folder",
+                "--input",
+                str(root),
+                "--output",
+                str(out),
+                "--test-fraction",
+                "0",
+                "--no-progress",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     got = read_split(out / "train")
     for name in names:
-        np.testing.assert_array_equal(got[name.split(".")[0]][0], np.asarray(Image.open(root / name).convert("RGB")))
+        np.testing.assert_array_equal(
+            got[name.split(".")[0]][0], np.asarray(Image.open(root / name).convert("RGB"))
+        )
     assert not (out / "test").exists()
 
 
@@ -136,8 +200,20 @@ def test_folder_bad_image_names_file(tmp_path, capsys, bad):
         smooth(rng, 100, 100).save(root / "zz_bad.png")
     else:
         (root / "zz_bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    code = main(["folder", "--input", str(root), "--output", str(tmp_path / "out"), "--test-fraction", "0",
-                 "--no-progress", "--workers", "1"])
+    code = main(
+        [
+            "folder",
+            "--input",
+            str(root),
+            "--output",
+            str(tmp_path / "out"),
+            "--test-fraction",
+            "0",
+            "--no-progress",
+            "--workers",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "zz_bad" in err, err
     assert not (tmp_path / "out" / "train" / "manifest.json").exists()

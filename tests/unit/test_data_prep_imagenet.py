@@ -19,7 +19,9 @@ def read_split(split_dir):
     """All samples of a split through plain webdataset: {key: (HWC uint8, cls or None)}."""
     urls = sorted(str(p) for p in split_dir.glob("*.tar"))
     out = {}
-    for s in wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False):
+    for s in wds.WebDataset(
+        urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
+    ):
         img = np.asarray(Image.open(io.BytesIO(s["png"])))
         out[s["__key__"]] = (img, int(s["cls"]) if "cls" in s else None)
     return out
@@ -54,8 +56,23 @@ def release(tmp_path_factory):
 def test_imagenet64_pixels_labels_and_manifest(release, tmp_path):
     root, expected = release
     out = tmp_path / "out"
-    assert main(["imagenet", "--input", str(root), "--output", str(out), "--shard-size", "16",
-                 "--workers", "1", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "imagenet",
+                "--input",
+                str(root),
+                "--output",
+                str(out),
+                "--shard-size",
+                "16",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     got = {**read_split(out / "train"), **read_split(out / "test")}
     assert got.keys() == expected.keys()
     for key, (row, label) in expected.items():
@@ -77,7 +94,10 @@ def test_imagenet32_width_inferred(tmp_path):
     root = tmp_path / "in"
     expected = make_release(root, r=32, rows=2, val_rows=3, seed=1)
     out = tmp_path / "out"
-    assert main(["imagenet", "--input", str(root), "--output", str(out), "--splits", "test", "--no-progress"]) == 0
+    assert (
+        main(["imagenet", "--input", str(root), "--output", str(out), "--splits", "test", "--no-progress"])
+        == 0
+    )
     got = read_split(out / "test")
     assert len(got) == 3
     for key, (img, cls) in got.items():
@@ -127,8 +147,21 @@ def test_wrong_width_is_an_error_naming_the_file(release, tmp_path, capsys):
 def test_zero_based_labels_rejected(tmp_path, capsys):
     root = tmp_path / "in"
     make_release(root, rows=2, val_rows=2)
-    np.savez(root / "Imagenet64_val_npz" / "val_data.npz", data=np.zeros((2, 12288), np.uint8),
-             labels=np.array([0, 5]))
-    code = main(["imagenet", "--input", str(root), "--output", str(tmp_path / "o"), "--splits", "test",
-                 "--no-progress"])
+    np.savez(
+        root / "Imagenet64_val_npz" / "val_data.npz",
+        data=np.zeros((2, 12288), np.uint8),
+        labels=np.array([0, 5]),
+    )
+    code = main(
+        [
+            "imagenet",
+            "--input",
+            str(root),
+            "--output",
+            str(tmp_path / "o"),
+            "--splits",
+            "test",
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "1-based" in capsys.readouterr().err

@@ -17,7 +17,9 @@ from data_prep.cli import main
 def read_split(split_dir):
     urls = sorted(str(p) for p in split_dir.glob("*.tar"))
     out = {}
-    for s in wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False):
+    for s in wds.WebDataset(
+        urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
+    ):
         out[s["__key__"]] = (np.asarray(Image.open(io.BytesIO(s["png"]))), int(s["cls"]))
     return out
 
@@ -80,8 +82,27 @@ def lsun(tmp_path_factory):
 def test_lsun_protocols_skip_corrupt(lsun, tmp_path, protocol, stored):
     root, values = lsun
     out = tmp_path / "out"
-    assert main(["lsun", "--input", str(root), "--output", str(out), "--categories", "bedroom,church_outdoor",
-                 "--protocol", protocol, "--shard-size", "5", "--workers", "1", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "lsun",
+                "--input",
+                str(root),
+                "--output",
+                str(out),
+                "--categories",
+                "bedroom,church_outdoor",
+                "--protocol",
+                protocol,
+                "--shard-size",
+                "5",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     for split, src in (("train", "train"), ("test", "val")):
         got = read_split(out / split)
         expected_keys = set()
@@ -109,8 +130,20 @@ def test_unexpected_mode_stops_with_key(tmp_path, capsys):
     root = tmp_path / "in"
     key = "ab" * 20
     make_db(root / "tower_train_lmdb", {key: encode(Image.new("CMYK", (256, 256)), "JPEG")})
-    code = main(["lsun", "--input", str(root), "--output", str(tmp_path / "out"), "--splits", "train",
-                 "--no-progress", "--workers", "1"])
+    code = main(
+        [
+            "lsun",
+            "--input",
+            str(root),
+            "--output",
+            str(tmp_path / "out"),
+            "--splits",
+            "train",
+            "--no-progress",
+            "--workers",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and key in err and "CMYK" in err
     assert not (tmp_path / "out" / "train" / "manifest.json").exists()
@@ -118,6 +151,16 @@ def test_unexpected_mode_stops_with_key(tmp_path, capsys):
 
 
 def test_missing_category_names_path(lsun, tmp_path, capsys):
-    code = main(["lsun", "--input", str(lsun[0]), "--output", str(tmp_path / "o"), "--categories", "kitchen",
-                 "--no-progress"])
+    code = main(
+        [
+            "lsun",
+            "--input",
+            str(lsun[0]),
+            "--output",
+            str(tmp_path / "o"),
+            "--categories",
+            "kitchen",
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "kitchen_train_lmdb" in capsys.readouterr().err

@@ -18,7 +18,10 @@ def build(out, *extra, workers=1):
 
 
 def snapshot(split_dir):
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(split_dir.glob("*.tar"))}
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(split_dir.glob("*.tar"))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +74,15 @@ def test_interrupted_run_resumes_from_progress_record(reference, tmp_path):
     m = json.loads((split / "manifest.json").read_text())
     kept = m["shards"][:2]
     (split / "manifest.json").unlink()
-    (split / PROGRESS_NAME).write_text(json.dumps(
-        {"config": m["config"], "complete": False, "shards": [{"index": i, **s} for i, s in enumerate(kept)]}))
+    (split / PROGRESS_NAME).write_text(
+        json.dumps(
+            {
+                "config": m["config"],
+                "complete": False,
+                "shards": [{"index": i, **s} for i, s in enumerate(kept)],
+            }
+        )
+    )
     for s in m["shards"][2:]:
         (split / s["name"]).unlink()
     (split / ".tmp-train-000002.tar.999").write_bytes(b"half a shard")
@@ -80,8 +90,9 @@ def test_interrupted_run_resumes_from_progress_record(reference, tmp_path):
     before = snapshot(split)
     build(out, "--splits", "train")
     after = snapshot(split)
-    assert [after[s["name"]][2] for s in m["shards"]] == [p.read_bytes() for p in
-                                                           sorted((reference / "train").glob("*.tar"))]
+    assert [after[s["name"]][2] for s in m["shards"]] == [
+        p.read_bytes() for p in sorted((reference / "train").glob("*.tar"))
+    ]
     assert after["train-000000.tar"][:2] == before["train-000000.tar"][:2]
     assert not (split / PROGRESS_NAME).exists() and not list(split.glob(".tmp-*"))
     assert json.loads((split / "manifest.json").read_text())["complete"] is True
@@ -122,8 +133,22 @@ def test_other_dataset_in_sibling_split_refused(reference, tmp_path, capsys):
 
     out = tmp_path / "out"
     shutil.copytree(reference / "test", out / "test")
-    code = main(["sample", "--resolution", "64", "--n-train", "20", "--splits", "train", "--output", str(out),
-                 "--no-progress", "--workers", "1"])
+    code = main(
+        [
+            "sample",
+            "--resolution",
+            "64",
+            "--n-train",
+            "20",
+            "--splits",
+            "train",
+            "--output",
+            str(out),
+            "--no-progress",
+            "--workers",
+            "1",
+        ]
+    )
     assert code == 2 and "another dataset" in capsys.readouterr().err
 
 
@@ -163,7 +188,7 @@ def test_verify_flags_undecodable_sample_by_key(reference, tmp_path, capsys):
         header = len(first.tobuf(format=tarfile.USTAR_FORMAT))
         key = first.name.split(".")[0]
     data = bytearray(path.read_bytes())
-    data[header + 40: header + 60] = b"\x00" * 20  # inside the first PNG's IHDR/IDAT
+    data[header + 40 : header + 60] = b"\x00" * 20  # inside the first PNG's IHDR/IDAT
     path.write_bytes(bytes(data))
     assert main(["verify", str(out / "test")]) == 1
     report = capsys.readouterr().out
