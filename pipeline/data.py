@@ -1,0 +1,72 @@
+"""Shards for training: make sure they exist and fit the model, then open data_prep's loaders.
+
+The loaders themselves (resampled training stream split by rank and loader worker with a fixed number
+of batches per rank, evaluation reading every test image exactly once across ranks) live in
+data_prep/loading.py; this module only connects them to the config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data_prep.loading import eval_loader, train_loader
+from data_prep.manifest import read_manifest
+from pipeline.config import DataConfig
+
+
+def ensure_data(cfg: DataConfig, image_shape: tuple[int, int, int]) -> Path:
+    """Build the sample set if ``cfg.source`` is ``sample`` and it is missing; check both splits.
+
+    ValueError when a split is missing or its images do not have the model's (C, H, W).
+    """
+    root = Path(cfg.root)
+    channels, height, width = image_shape
+    if cfg.source == "sample":
+        from data_prep.sources.sample import ensure_sample_shards
+
+        if height != width:
+            raise ValueError(f"model.image_shape: the sample set is square, got {height}x{width}")
+        s = cfg.sample
+        ensure_sample_shards(
+            root,
+            resolution=height,
+            seed=s.seed,
+            n_train=s.num_train,
+            n_test=s.num_test,
+            shard_size=s.shard_size,
+        )
+    for split in ("train", "test"):
+        try:
+            manifest = read_manifest(root / split)
+        except ValueError as e:
+            raise ValueError(f"data.root: {e} (build shards with `python -m data_prep`)") from e
+        found = (int(manifest["channels"]), *map(int, manifest["resolution"]))
+        if found != tuple(image_shape):
+            raise ValueError(
+                f"model.image_shape {tuple(image_shape)} does not match the {split} shards in {root} "
+                f"(channels, height, width = {found})"
+            )
+    return root
+
+
+def make_train_loader(cfg: DataConfig, *, seed: int):
+    """Endless resampled stream, ``cfg.batches_per_epoch`` uint8 (B, C, H, W) batches per pass."""
+    return train_loader(
+        Path(cfg.root) / "train",
+        batch_size=cfg.batch_size,
+        batches_per_epoch=cfg.batches_per_epoch,
+        num_workers=cfg.loader_workers,
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=seed,
+    )
+
+
+def make_eval_loader(cfg: DataConfig, *, rank: int, world_size: int):
+    """This rank's share of the test split (every image exactly once across ranks)."""
+    return eval_loader(
+        Path(cfg.root) / "test",
+        batch_size=cfg.eval_batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=cfg.loader_workers,
+    )

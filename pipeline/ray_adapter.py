@@ -1,0 +1,174 @@
+"""The thin Ray Train V2 adapter: the same ``fit`` on every worker of a ``TorchTrainer``.
+
+Ray's part: start or join a cluster, one worker per ``ray.num_workers`` with its resources, the
+process group (NCCL on GPUs, gloo on CPU: ``TorchConfig`` picks it from ``use_gpu``), checkpoints
+persisted under ``run.root/checkpoints/<run.name>`` with ``CheckpointConfig(num_to_keep)``, and
+restarts after worker failures (``FailureConfig(max_failures)``) from the latest checkpoint. A driver
+re-run with the same run name resumes the same way. Everything else is pipeline/loop.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline.config import TrainConfig, checkpoint_root, config_from_dict, config_to_dict
+from pipeline.loop import fit
+from pipeline.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class RayRuntime(Runtime):
+    """One Ray Train worker: rank and device from the train context, collectives over the process group."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self._run_dir = checkpoint_root(cfg) / cfg.run.name
+
+    @property
+    def _distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        if not self._distributed:
+            return module  # one worker: DDP would only add its hooks
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids)
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        if self._distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self._distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if not self._distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
+
+    def save_checkpoint(self, write: Callable[[Path], None] | None, *, name: str, metrics: dict) -> None:
+        # ray.train.report is a barrier; Ray registers the checkpoint once it is fully persisted.
+        if write is None:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            return
+        staged = Path(tempfile.mkdtemp(prefix="eiw-ckpt-"))
+        try:
+            write(staged)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staged), checkpoint_dir_name=name)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+
+    @property
+    def run_dir(self) -> Path:
+        return self._run_dir
+
+
+def train_worker(loop_config: dict) -> None:
+    """The per-worker function handed to ``TorchTrainer``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    cfg = config_from_dict(loop_config["config"])
+    fit(cfg, runtime=RayRuntime(cfg))
+
+
+@dataclass(kw_only=True)
+class RayFitResult:
+    step: int
+    test_bits_per_dim: float
+    mlflow_run_id: str | None
+    images_per_s: float
+    checkpoint_path: str | None
+
+
+def _use_gpu(cfg: TrainConfig) -> bool:
+    if cfg.ray.use_gpu != "auto":
+        return cfg.ray.use_gpu == "on"
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+@contextlib.contextmanager
+def ray_session(cfg: TrainConfig) -> Iterator[None]:
+    """Join the cluster at ``ray.address`` / $RAY_ADDRESS, else start an embedded one (shut down after)."""
+    if ray.is_initialized():
+        yield
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address)
+    else:
+        # "local": a fresh instance even if another `ray start` cluster runs on this machine.
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or None)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def fit_with_ray(cfg: TrainConfig, *, worker_fn: Callable[[dict], None] = train_worker) -> RayFitResult:
+    """Run ``fit`` on ``cfg.ray.num_workers`` Ray Train workers; returns rank 0's final report."""
+    with ray_session(cfg):
+        use_gpu = _use_gpu(cfg)
+        resources = {"CPU": cfg.ray.cpus_per_worker}
+        if use_gpu:
+            resources["GPU"] = cfg.ray.gpus_per_worker
+        elif torch.cuda.is_available():
+            log.info("ray.use_gpu=%s: training on CPU workers", cfg.ray.use_gpu)
+        trainer = TorchTrainer(
+            worker_fn,
+            train_loop_config={"config": config_to_dict(cfg)},
+            scaling_config=ScalingConfig(
+                num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            ),
+            run_config=RunConfig(
+                name=cfg.run.name,
+                storage_path=str(checkpoint_root(cfg)),
+                failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            ),
+        )
+        result = trainer.fit()
+    metrics = result.metrics or {}
+    return RayFitResult(
+        step=int(metrics.get("step", 0)),
+        test_bits_per_dim=float(metrics.get("test_bits_per_dim", float("nan"))),
+        mlflow_run_id=metrics.get("mlflow_run_id"),
+        images_per_s=float(metrics.get("images_per_s", float("nan"))),
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+    )
