@@ -16,13 +16,64 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 COUPLINGS = ("affine", "additive")
+SPLIT_STRATEGIES = ("static", "eiw", "lcma")
+SHUFFLE_REGULARIZERS = ("reference", "kl")
+LCMA_FACTOR_OUT = ("low", "high")
 
 
 @dataclass(kw_only=True)
 class SplitConfig:
-    """Which split strategy decides the channels that are factored out at each split."""
+    """Which split strategy decides the channels that are factored out at each split.
+
+    The math and the reason for every default are in docs/model.md, "Split strategies".
+
+    strategy: "static" (Glow), "eiw" (EIW-Flow Shuffle) or "lcma" (likelihood contribution based).
+    sigma: weight of the Shuffle regulariser in the training loss, read by the trainer:
+        loss = bits_per_dim.mean() + sigma * model.regularization(). Unused by other strategies.
+    regularizer: "reference" (sum_j w_j (log w_j - mean_b s_bj), what the authors' code optimises) or
+        "kl" (KL(w || normalised mean_b s_b)).
+    freeze_after_steps: EIW only; freeze the permutation once ``flows.strategies.advance`` reports this
+        many completed optimizer steps. None (default) never freezes: the permutation always follows w.
+    se_reduction: EIW only; channel reduction ratio of the squeeze-and-excitation head.
+    generator_hidden: EIW only; width of the channel-weight generator network.
+    lcma_warmup_steps: LCMA only; steps of static split while contributions accumulate, then frozen.
+    lcma_factor_out: LCMA only; which contributions are factored out at each split, "low" or "high".
+    lcma_momentum: LCMA only; momentum of the running (exponential) average of contributions.
+    """
 
     strategy: str = "static"
+    sigma: float = 1e-3
+    regularizer: str = "reference"
+    freeze_after_steps: int | None = None
+    se_reduction: int = 4
+    generator_hidden: int = 32
+    lcma_warmup_steps: int = 1000
+    lcma_factor_out: str = "low"
+    lcma_momentum: float = 0.99
+
+    def __post_init__(self) -> None:
+        if self.strategy not in SPLIT_STRATEGIES:
+            raise ValueError(f"strategy: unknown {self.strategy!r}; choose one of {SPLIT_STRATEGIES}")
+        if not self.sigma >= 0.0:
+            raise ValueError(f"sigma: must be >= 0, got {self.sigma}")
+        if self.regularizer not in SHUFFLE_REGULARIZERS:
+            raise ValueError(
+                f"regularizer: unknown {self.regularizer!r}; choose one of {SHUFFLE_REGULARIZERS}"
+            )
+        if self.freeze_after_steps is not None and self.freeze_after_steps < 0:
+            raise ValueError(f"freeze_after_steps: must be >= 0 or null, got {self.freeze_after_steps}")
+        if self.se_reduction < 1:
+            raise ValueError(f"se_reduction: must be >= 1, got {self.se_reduction}")
+        if self.generator_hidden < 1:
+            raise ValueError(f"generator_hidden: must be >= 1, got {self.generator_hidden}")
+        if self.lcma_warmup_steps < 1:
+            raise ValueError(f"lcma_warmup_steps: must be >= 1, got {self.lcma_warmup_steps}")
+        if self.lcma_factor_out not in LCMA_FACTOR_OUT:
+            raise ValueError(
+                f"lcma_factor_out: unknown {self.lcma_factor_out!r}; choose one of {LCMA_FACTOR_OUT}"
+            )
+        if not 0.0 <= self.lcma_momentum < 1.0:
+            raise ValueError(f"lcma_momentum: must be in [0, 1), got {self.lcma_momentum}")
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,383 @@
+"""Split strategies (static, EIW Shuffle, LCMA): permutations, exactness, regulariser, freezing, LCMA."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from flows import FlowConfig, Split, SplitConfig, build_flow, dataclass_from_dict, initialize_actnorm
+from flows.strategies import EIWShuffleSplit, LCMASplit, StaticSplit, advance
+from tests.unit.bijection_harness import check_bijection, jacobian_log_det, perturb_parameters
+
+STRATEGIES = ["static", "eiw", "lcma"]
+
+
+def tiny_model(strategy: str, **split) -> nn.Module:
+    split.setdefault("lcma_warmup_steps", 2)
+    cfg = FlowConfig(
+        image_shape=(3, 8, 8), num_levels=2, num_steps=2, hidden_channels=8,
+        split=SplitConfig(strategy=strategy, **split),
+    )  # fmt: skip
+    return build_flow(cfg).double()
+
+
+def images(n: int, seed: int = 0) -> Tensor:
+    return torch.randint(
+        0, 256, (n, 3, 8, 8), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
+    )
+
+
+def train(model: nn.Module, steps: int, *, first_step: int = 0, sigma: float = 1e-3) -> None:
+    """The loop the trainer runs: advance, bits/dim + sigma * regularization, Adam step."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(first_step, first_step + steps):
+        advance(model, step)
+        loss = model.bits_per_dim(images(8, seed=step)).mean() + sigma * model.regularization()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def trained(strategy: str, steps: int = 4, **split) -> nn.Module:
+    torch.manual_seed(0)
+    model = tiny_model(strategy, **split)
+    initialize_actnorm(model, images(16))
+    train(model, steps)
+    return model
+
+
+def set_channel_logits(strategy: EIWShuffleSplit, logits: list[float]) -> None:
+    last = strategy.generator.net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor(logits, dtype=last.bias.dtype))
+
+
+def frozen_lcma(c: int = 4, h: int = 2, w: int = 2, factor_out: str = "low", seed: int = 0) -> LCMASplit:
+    strategy = LCMASplit(c, h, w, factor_out=factor_out).double()
+    strategy.running_contribution.copy_(torch.randn(c, h, w, generator=torch.Generator().manual_seed(seed)))
+    strategy.num_updates.fill_(1)
+    strategy.freeze()
+    return strategy
+
+
+class PermutationOnly(nn.Module):
+    """A strategy as a bare bijection with log_det 0; its own parameters are hidden from the harness
+    (they learn only through the regulariser, tested separately)."""
+
+    def __init__(self, strategy: nn.Module) -> None:
+        super().__init__()
+        self._strategy = [strategy]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._strategy[0].permute(x), x.new_zeros(x.shape[0])
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return self._strategy[0].unpermute(y)
+
+
+class LikelihoodPath(PermutationOnly):
+    """A Split with a strategy; only the split's prior net is a registered (harness-checked) parameter."""
+
+    def __init__(self, split: Split) -> None:
+        super().__init__(split)
+        self.prior_net = split.prior_net
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._strategy[0](x)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return self._strategy[0].inverse(y)
+
+
+def eiw_strategy(frozen: bool = False) -> EIWShuffleSplit:
+    strategy = EIWShuffleSplit(4, se_reduction=2, generator_hidden=3).double()
+    set_channel_logits(strategy, [0.1, 2.0, -1.0, 0.7])  # permutation [1, 3, 0, 2]: not the identity
+    if frozen:
+        strategy.freeze()
+        set_channel_logits(strategy, [3.0, 2.0, 1.0, 0.0])
+    return strategy
+
+
+HARNESS = {
+    "static": lambda: PermutationOnly(StaticSplit()),
+    "eiw": lambda: PermutationOnly(eiw_strategy()),
+    "eiw_frozen": lambda: PermutationOnly(eiw_strategy(frozen=True)),
+    "lcma_frozen": lambda: PermutationOnly(frozen_lcma()),
+    "split_eiw": lambda: LikelihoodPath(Split(4, strategy=eiw_strategy()).double()),
+    "split_lcma": lambda: LikelihoodPath(Split(4, strategy=frozen_lcma()).double()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HARNESS))
+def test_strategy_bijections_pass_the_harness(name: str) -> None:
+    """Round trip, log_det against the autograd Jacobian (0 for bare permutations), gradients."""
+    bijection = HARNESS[name]().double()
+    perturb_parameters(bijection)
+    check_bijection(bijection, torch.randn(2, 4, 2, 2, dtype=torch.float64))
+
+
+def test_permutations_are_true_permutations_and_not_identity() -> None:
+    eiw = eiw_strategy()
+    assert eiw.permutation().tolist() == [1, 3, 0, 2]
+    lcma = frozen_lcma(c=6, h=3, w=2)
+    assert torch.equal(lcma.order.sort(dim=0).values, torch.arange(6).view(6, 1, 1).expand(6, 3, 2))
+    assert not torch.equal(lcma.order[:, 0, 0], lcma.order[:, 1, 1]), "orders are per position"
+    x = torch.randn(2, 4, 2, 2, dtype=torch.float64)
+    for strategy in (eiw, frozen_lcma()):
+        y = strategy.permute(x)
+        assert torch.equal(y.sort(dim=1).values, x.sort(dim=1).values) and not torch.equal(y, x)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_decode_inverts_encode_and_log_det_matches_jacobian(strategy: str) -> None:
+    model = trained(strategy, steps=3)  # lcma_warmup_steps=2: LCMA is frozen and non-trivial here
+    if strategy == "lcma":
+        assert all(bool(s.strategy.frozen) for s in model.splits)
+        assert not torch.equal(model.splits[0].strategy.order, LCMASplit(12, 4, 4).order)
+    x = model.dequantize(images(3, seed=9))
+    zs, log_det = model.encode(x)
+    torch.testing.assert_close(model.decode(zs), x, atol=1e-10, rtol=0)
+
+    class Encoder(nn.Module):
+        def forward(self, v: Tensor) -> tuple[Tensor, Tensor]:
+            zs, ld = model.encode(v)
+            return torch.cat([z.reshape(z.shape[0], -1) for z in zs], dim=1), ld
+
+    small = x[:1]
+    torch.testing.assert_close(jacobian_log_det(Encoder(), small), model.encode(small)[1], atol=1e-7, rtol=0)
+
+
+def hand_regularizer(logits: list[float], attention_logits: Tensor, form: str) -> float:
+    z = sum(math.exp(g) for g in logits)
+    w = [math.exp(g) / z for g in logits]
+    rows = attention_logits.tolist()
+    mean_s = [sum(1 / (1 + math.exp(-row[j])) for row in rows) / len(rows) for j in range(len(logits))]
+    if form == "reference":
+        return sum(w[j] * (math.log(w[j]) - mean_s[j]) for j in range(len(w)))
+    q = [m / sum(mean_s) for m in mean_s]
+    return sum(w[j] * math.log(w[j] / q[j]) for j in range(len(w)))
+
+
+@pytest.mark.parametrize("form", ["reference", "kl"])
+def test_regularizer_equals_hand_computation(form: str) -> None:
+    torch.manual_seed(0)
+    strategy = EIWShuffleSplit(4, regularizer=form, se_reduction=1, generator_hidden=3).double()
+    perturb_parameters(strategy.attention, scale=1.0)
+    logits = [0.3, -1.2, 2.0, 0.5]
+    set_channel_logits(strategy, logits)
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    strategy.permute(x)
+    attention_logits = strategy.attention(x)
+    assert attention_logits.std(dim=0).min() > 0, "attention must vary over the batch for a real check"
+    expected = hand_regularizer(logits, attention_logits.detach(), form)
+    assert strategy.regularization().item() == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("form", ["reference", "kl"])
+def test_regularizer_minimum_is_documented_target(form: str) -> None:
+    """reference is minimised by w = softmax(mean s), kl by w = q (where it is 0)."""
+    strategy = EIWShuffleSplit(4, regularizer=form).double()
+    x = torch.randn(5, 4, 2, 2, dtype=torch.float64)
+    a = strategy.attention(x).detach()
+    mean_s = torch.sigmoid(a).mean(dim=0)
+    target = mean_s if form == "reference" else torch.log(mean_s / mean_s.sum())
+    set_channel_logits(strategy, target.tolist())
+    strategy.permute(x)
+    bias = strategy.generator.net[-1].bias
+    (grad,) = torch.autograd.grad(strategy.regularization(), bias)
+    assert grad.abs().max() < 1e-12
+    if form == "kl":
+        assert abs(strategy.regularization().item()) < 1e-12
+
+
+@pytest.mark.parametrize("form", ["reference", "kl"])
+@pytest.mark.parametrize("logits", [[0.0, 0.0, 0.0, 0.0], [1e4, 0.0, 0.0, -1e4], [-80.0, 80.0, 80.0, 3.0]])
+def test_no_nan_for_peaked_or_uniform_weights_and_ties_break_by_index(form: str, logits: list[float]) -> None:
+    strategy = EIWShuffleSplit(4, regularizer=form).double()
+    set_channel_logits(strategy, logits)
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    strategy.permute(x)
+    reg = strategy.regularization()
+    reg.backward()
+    assert torch.isfinite(reg)
+    assert all(torch.isfinite(p.grad).all() for p in strategy.parameters() if p.grad is not None)
+    expected = sorted(range(4), key=lambda j: (-logits[j], j))
+    assert strategy.permutation().tolist() == expected
+
+
+def strategy_grads(model: nn.Module, sigma: float) -> dict[str, Tensor | None]:
+    model.zero_grad(set_to_none=True)
+    x = images(4, seed=5)
+    loss = model.bits_per_dim(x, generator=torch.Generator().manual_seed(0)).mean()
+    (loss + sigma * model.regularization()).backward()
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_generator_learns_only_through_the_regularizer() -> None:
+    model = trained("eiw", steps=1)
+    zero, one = strategy_grads(model, 0.0), strategy_grads(model, 1.0)
+    generator = [n for n in zero if ".generator." in n or ".attention." in n]
+    assert generator
+    for name in generator:
+        assert zero[name] is None or zero[name].abs().max() == 0, f"sigma=0 must give {name} no gradient"
+        assert one[name] is not None and one[name].abs().max() > 0, f"sigma=1 must train {name}"
+    for name in set(zero) - set(generator):  # the regulariser never reaches the flow itself
+        torch.testing.assert_close(zero[name], one[name], atol=1e-12, rtol=0)
+    assert model.regularization().item() == pytest.approx(
+        sum(s.strategy.regularization().item() for s in model.splits)
+    )
+
+
+def test_eiw_permutation_follows_parameters_until_frozen() -> None:
+    model = trained("eiw", steps=2, freeze_after_steps=3)
+    strategy = model.splits[0].strategy
+    order = list(range(12))
+    set_channel_logits(strategy, [float(-j) for j in order])
+    assert strategy.permutation().tolist() == order, "unfrozen: the current parameters decide"
+    advance(model, 2)
+    assert not bool(strategy.frozen)
+    advance(model, 3)
+    set_channel_logits(strategy, [float(j) for j in order])
+    assert bool(strategy.frozen) and strategy.permutation().tolist() == order
+    x = model.dequantize(images(2))
+    torch.testing.assert_close(model.decode(model.encode(x)[0]), x, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("strategy", ["eiw", "lcma"])
+def test_frozen_permutations_survive_state_dict_save_and_load(strategy: str) -> None:
+    model = trained(strategy, steps=4, freeze_after_steps=2)
+    assert all(bool(s.strategy.frozen) for s in model.splits)
+    if strategy == "eiw":  # move w so the live sort differs from the frozen permutation
+        set_channel_logits(model.splits[0].strategy, [float(j) for j in range(12)])
+    before = [s.strategy.permutation() if strategy == "eiw" else s.strategy.order for s in model.splits]
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    reloaded = tiny_model(strategy, freeze_after_steps=2)
+    reloaded.load_state_dict(torch.load(buffer))
+    after = [s.strategy.permutation() if strategy == "eiw" else s.strategy.order for s in reloaded.splits]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    x = images(4, seed=3)
+    a = model.bits_per_dim(x, generator=torch.Generator().manual_seed(1))
+    b = reloaded.bits_per_dim(x, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert torch.equal(model.sample(2, generator=torch.Generator().manual_seed(0)),
+                       reloaded.sample(2, generator=torch.Generator().manual_seed(0)))  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sampling_works_with_each_strategy(strategy: str) -> None:
+    model = trained(strategy, steps=3)
+    samples = model.sample(3, temperature=0.7, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 3, 8, 8) and samples.dtype == torch.uint8
+    assert torch.equal(samples, model.sample(3, temperature=0.7, generator=torch.Generator().manual_seed(0)))
+    assert torch.isfinite(model.bits_per_dim(samples)).all()
+
+
+def test_lcma_contribution_is_the_documented_sum() -> None:
+    """One training forward: contribution = mean log N(x) + per-dim log-dets, which sum to the level's."""
+    model = tiny_model("lcma", lcma_warmup_steps=5)
+    initialize_actnorm(model, images(16))
+    perturb_parameters(model, scale=0.1)
+    advance(model, 0)
+    captured = {}
+    model.splits[0].register_forward_pre_hook(lambda m, args: captured.update(x=args[0].detach()))
+    level = model.levels[0]
+    level.register_forward_hook(lambda m, args, out: captured.update(log_det=out[1].detach()))
+    model.bits_per_dim(images(6, seed=1))
+    strategy = model.splits[0].strategy
+    x = captured["x"]
+    log_prior = torch.distributions.Normal(0.0, 1.0).log_prob(x).mean(dim=0)
+    per_dim_log_det = strategy.contribution() - log_prior
+    torch.testing.assert_close(per_dim_log_det.sum(), captured["log_det"].mean(), atol=1e-9, rtol=0)
+    # ActNorm and 1x1-conv terms are constant over positions; coupling terms only on its b-half.
+    first_half = per_dim_log_det[:6]
+    torch.testing.assert_close(first_half, first_half[:, :1, :1].expand_as(first_half))
+    assert per_dim_log_det[6:].std(dim=(1, 2)).min() > 0
+
+
+@pytest.mark.parametrize("factor_out", ["low", "high"])
+def test_lcma_order_follows_contributions(factor_out: str) -> None:
+    strategy = frozen_lcma(c=8, h=3, w=3, factor_out=factor_out, seed=4)
+    ranked = strategy.contribution().gather(0, strategy.order)
+    steps = ranked[1:] - ranked[:-1]
+    assert (steps <= 0).all() if factor_out == "low" else (steps >= 0).all()
+    kept = strategy.order[:4].sort(dim=0).values
+    best = strategy.contribution().topk(4, dim=0, largest=factor_out == "low").indices.sort(dim=0).values
+    assert torch.equal(kept, best), "the continuing half is the end that is not factored out"
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    y = strategy.permute(x)
+    for c, h, w in [(0, 0, 0), (5, 2, 1), (7, 1, 2)]:
+        assert torch.equal(y[:, c, h, w], x[:, strategy.order[c, h, w], h, w])
+
+
+def test_lcma_measures_while_warming_up_and_stops_changing_once_frozen() -> None:
+    model = trained("lcma", steps=2, lcma_warmup_steps=2)
+    strategy = model.splits[0].strategy
+    assert strategy.num_updates.item() == 2 and not bool(strategy.frozen)
+    x = torch.randn(2, 12, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(strategy.permute(x), x), "static split during warm-up"
+    with torch.no_grad():
+        model.bits_per_dim(images(4))
+    model.eval()
+    model.bits_per_dim(images(4))
+    model.train()
+    assert strategy.num_updates.item() == 2, "only training forwards with gradients measure"
+    advance(model, 2)
+    state = {k: v.clone() for k, v in strategy.state_dict().items()}
+    train(model, 3, first_step=2)
+    assert bool(strategy.frozen)
+    for key, value in strategy.state_dict().items():
+        assert torch.equal(value, state[key]), f"{key} changed after freezing"
+
+
+def test_advance_accepts_wrappers_and_rejects_other_modules() -> None:
+    model = tiny_model("lcma")
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = model
+
+    advance(Wrapper(), 0)
+    assert all(s.strategy.is_bound for s in model.splits)
+    advance(model, 1)  # binding is idempotent
+    with pytest.raises(ValueError, match="FlowModel"):
+        advance(nn.Linear(2, 2), 0)
+    with pytest.raises(ValueError, match="step"):
+        advance(model, -1)
+
+
+@pytest.mark.parametrize(
+    ("split", "match"),
+    [
+        ({"strategy": "magic"}, "model.split: strategy"),
+        ({"sigma": -1.0}, "model.split: sigma"),
+        ({"regularizer": "l2"}, "model.split: regularizer"),
+        ({"freeze_after_steps": -3}, "model.split: freeze_after_steps"),
+        ({"se_reduction": 0}, "model.split: se_reduction"),
+        ({"generator_hidden": 0}, "model.split: generator_hidden"),
+        ({"lcma_warmup_steps": 0}, "model.split: lcma_warmup_steps"),
+        ({"lcma_factor_out": "middle"}, "model.split: lcma_factor_out"),
+        ({"lcma_momentum": 1.0}, "model.split: lcma_momentum"),
+        ({"sigma": "big"}, "model.split.sigma: expected a number"),
+    ],
+)
+def test_split_config_validation_names_the_field(split: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        dataclass_from_dict(FlowConfig, {"split": split}, path="model")
+
+
+def test_split_config_loads_every_field() -> None:
+    fields = dict(
+        strategy="eiw", sigma=0.01, regularizer="kl", freeze_after_steps=None, se_reduction=2,
+        generator_hidden=8, lcma_warmup_steps=10, lcma_factor_out="high", lcma_momentum=0.9,
+    )  # fmt: skip
+    cfg = dataclass_from_dict(FlowConfig, {"split": fields})
+    assert cfg.split == SplitConfig(**fields)
