@@ -1,0 +1,184 @@
+"""Training-step time and peak memory of the EIW Shuffle and LCMA splits against the static split.
+
+    python benchmarks/strategy_overhead.py [--device cpu|cuda] [--levels 3 --steps 8 --hidden 128 --batch 16]
+
+All variants are the same Glow (L levels of K steps, same width, same images); only the split strategy
+differs. One training step is what the training loop does: ``flows.strategies.advance``, dequantize,
+forward, loss = bits/dim + sigma * regularization(), backward, Adam step. Variants:
+- static: Glow's split (the reference);
+- eiw: the Shuffle split, unfrozen (the permutation is recomputed from the generator every step);
+- lcma-measuring: LCMA during warm-up, measuring contributions on every training forward;
+- lcma-frozen: LCMA after warm-up (a per-position gather before each split, nothing measured).
+
+Step times are medians over interleaved rounds in one process, so machine load hits all variants
+alike. Peak memory is measured in a fresh subprocess per variant: on CUDA torch.cuda.max_memory_allocated
+over the allocation after a warm-up step; on CPU the growth of the process's peak RSS (ru_maxrss) over
+its RSS after building the model and one warm-up step (coarse: the allocator's reuse decides it), so
+the exact bytes autograd saves for backward are reported as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm  # noqa: E402
+from flows.strategies import advance  # noqa: E402
+
+VARIANTS = ["static", "eiw", "lcma-measuring", "lcma-frozen"]
+
+
+def images(args: argparse.Namespace) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (args.batch, 3, args.size, args.size), generator=g, dtype=torch.uint8)
+
+
+def make(args: argparse.Namespace, variant: str):
+    """A model for ``variant`` and its training step (a closure with its own Adam)."""
+    strategy = variant.split("-")[0]
+    split = SplitConfig(strategy=strategy, lcma_warmup_steps=10**9 if variant == "lcma-measuring" else 2)
+    cfg = FlowConfig(
+        image_shape=(3, args.size, args.size),
+        num_levels=args.levels,
+        num_steps=args.steps,
+        hidden_channels=args.hidden,
+        split=split,
+    )
+    model = build_flow(cfg).to(args.device)
+    x = images(args).to(args.device)
+    initialize_actnorm(model, x)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    counter = {"step": 0}
+
+    def step() -> None:
+        advance(model, counter["step"])
+        loss = model.bits_per_dim(x).mean() + split.sigma * model.regularization()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        counter["step"] += 1
+
+    if variant == "lcma-frozen":
+        for _ in range(3):  # measure for 2 steps, freeze at the third advance
+            step()
+        assert all(bool(s.strategy.frozen) for s in model.splits)
+    return model, x, step
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(args: argparse.Namespace) -> dict[str, float]:
+    steps = {}
+    for variant in VARIANTS:
+        torch.manual_seed(0)
+        _, _, steps[variant] = make(args, variant)
+        for _ in range(args.warmup):
+            steps[variant]()
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(args.rounds):
+        for variant in VARIANTS:
+            sync(args.device)
+            t0 = time.perf_counter()
+            steps[variant]()
+            sync(args.device)
+            times[variant].append(time.perf_counter() - t0)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
+def saved_activation_mib(model, x: torch.Tensor) -> float:
+    """Bytes autograd keeps for backward (unique storages): exact and allocator-independent."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model.bits_per_dim(x).mean() + 1e-3 * model.regularization()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values()) / 2**20
+
+
+def peak_memory_child(args: argparse.Namespace) -> None:
+    """Runs in a fresh process: prints the peak memory in MiB of a training step of one variant."""
+    torch.manual_seed(0)
+    model, x, step = make(args, args.child)
+    step()  # warm-up: optimizer state and allocator caches exist from here on
+    saved = saved_activation_mib(model, x)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with open("/proc/self/statm") as f:
+            base = int(f.read().split()[1]) * resource.getpagesize()
+        for _ in range(2):
+            step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    print(json.dumps({"peak_mib": peak / 2**20, "saved_mib": saved}))
+
+
+def peak_memory(args: argparse.Namespace, variant: str) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", variant, "--device", args.device]
+    for key in ("levels", "steps", "hidden", "batch", "size"):
+        cmd += [f"--{key}", str(getattr(args, key))]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--levels", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="Glow steps per level (K)")
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        peak_memory_child(args)
+        return
+
+    print(
+        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"L={args.levels} K={args.steps} hidden={args.hidden} batch={args.batch} "
+        f"image=3x{args.size}x{args.size} rounds={args.rounds}"
+    )
+    times = time_steps(args)
+    memory = {v: peak_memory(args, v) for v in VARIANTS}
+    ref_t, ref_m = times["static"], memory["static"]
+    peak_name = "peak alloc MiB" if args.device == "cuda" else "peak RSS+ MiB"
+    print(f"| split | step ms | x static | {peak_name} | x static | saved for backward MiB | x static |")
+    print("|---|---|---|---|---|---|---|")
+    for v in VARIANTS:
+        m = memory[v]
+        print(
+            f"| {v} | {times[v] * 1e3:.1f} | {times[v] / ref_t:.3f} | {m['peak_mib']:.1f} | "
+            f"{m['peak_mib'] / ref_m['peak_mib']:.3f} | {m['saved_mib']:.1f} | "
+            f"{m['saved_mib'] / ref_m['saved_mib']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
