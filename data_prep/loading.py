@@ -76,9 +76,58 @@ class _Stream:
 
 def decode_png(data: bytes) -> np.ndarray:
     """PNG bytes -> (H, W, C) uint8 (grayscale gets C = 1)."""
-    with Image.open(io.BytesIO(data)) as img:
+    # formats=("PNG",) skips probing every other plugin first (~10% of a 64x64 decode).
+    with Image.open(io.BytesIO(data), formats=("PNG",)) as img:
         arr = np.asarray(img)
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+_BLOCK = 512
+_FILE_TYPES = (b"0", b"\0")
+
+
+def _tar_samples(src: Iterator[dict]) -> Iterator[dict]:
+    """Pipeline stage: {"url": path} -> samples {"__key__", "__url__", ext: bytes, ...}.
+
+    Replaces `wds.tarfile_to_samples()` for our own shards: it parses the 512-byte USTAR headers
+    directly instead of going through `tarfile`'s stream mode, which cost about as much per sample
+    as decoding a 64x64 PNG. Same grouping rule as webdataset (key = name up to the first dot of
+    the basename; consecutive members with one key form a sample). Long-name (pax/GNU) members,
+    which data_prep never writes, are rejected rather than misread.
+    """
+    for item in src:
+        url = item["url"]
+        with open(url, "rb", buffering=1 << 20) as f:
+            sample: dict | None = None
+            while True:
+                header = f.read(_BLOCK)
+                if len(header) < _BLOCK or header.count(0) == _BLOCK:
+                    break
+                name = header[:100].rstrip(b"\0").decode("utf-8")
+                prefix = header[345:500].rstrip(b"\0").decode("utf-8")
+                size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+                kind = header[156:157]
+                data = f.read(size)
+                f.seek(-size % _BLOCK, os.SEEK_CUR)
+                if len(data) != size:
+                    raise ValueError(f"{url}: truncated tar member {name!r}")
+                if kind not in _FILE_TYPES:
+                    if kind == b"5":
+                        continue
+                    raise ValueError(f"{url}: unsupported tar member type {kind!r} for {name!r}")
+                full = f"{prefix}/{name}" if prefix else name
+                slash = full.rfind("/") + 1
+                dot = full.find(".", slash)
+                if dot < 0:
+                    continue
+                key, ext = full[:dot], full[dot + 1 :]
+                if sample is None or sample["__key__"] != key:
+                    if sample is not None:
+                        yield sample
+                    sample = {"__key__": key, "__url__": url}
+                sample[ext] = data
+            if sample is not None:
+                yield sample
 
 
 class _Decode:
@@ -195,7 +244,7 @@ def train_loader(
     stream = _Stream(seed)
     stages = [
         wds.ResampledShards(urls, worker_seed=stream.shard_seed, deterministic=True),
-        wds.tarfile_to_samples(),
+        _tar_samples,
     ]
     if shuffle_buffer > 1:
         stages.append(_Shuffle(shuffle_buffer, stream))
@@ -257,12 +306,12 @@ def eval_loader(
     if len(urls) >= world_size:
         mine = urls[rank::world_size]
         dataset = wds.DataPipeline(
-            wds.SimpleShardList(mine), wds.split_by_worker, wds.tarfile_to_samples(), decode, batch
+            wds.SimpleShardList(mine), wds.split_by_worker, _tar_samples, decode, batch
         )
         num_workers = min(num_workers, len(mine))
     else:
         dataset = wds.DataPipeline(
-            wds.SimpleShardList(urls), wds.tarfile_to_samples(), _TakeEvery(rank, world_size), decode, batch
+            wds.SimpleShardList(urls), _tar_samples, _TakeEvery(rank, world_size), decode, batch
         )
     if num_workers == 0:
         return dataset

@@ -54,7 +54,10 @@ def hash_fraction(rel: str) -> float:
 
 def key_of(rel: str) -> str:
     stem = rel.rsplit(".", 1)[0]
-    return _UNSAFE.sub("_", stem.replace("/", "__"))
+    key = _UNSAFE.sub("_", stem.replace("/", "__"))
+    if len(key) > 90:  # USTAR names hold 100 bytes, and ".png" must fit after the key
+        key = f"{key[:64]}_{hashlib.sha256(rel.encode()).hexdigest()[:20]}"
+    return key
 
 
 def list_images(root: Path) -> list[str]:
