@@ -165,3 +165,14 @@ def test_zero_based_labels_rejected(tmp_path, capsys):
         ]
     )
     assert code == 2 and "1-based" in capsys.readouterr().err
+
+
+def test_two_workers_write_the_same_bytes(release, tmp_path):
+    root, _ = release
+    outs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}"
+        args = ["imagenet", "--input", str(root), "--output", str(out), "--splits", "train"]
+        assert main([*args, "--shard-size", "16", "--workers", workers, "--no-progress"]) == 0
+        outs.append({p.name: p.read_bytes() for p in (out / "train").glob("*.tar")})
+    assert outs[0] == outs[1] and len(outs[0]) == 5

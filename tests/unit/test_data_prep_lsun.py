@@ -164,3 +164,13 @@ def test_missing_category_names_path(lsun, tmp_path, capsys):
         ]
     )
     assert code == 2 and "kitchen_train_lmdb" in capsys.readouterr().err
+
+
+def test_two_workers_write_the_same_bytes(lsun, tmp_path):
+    outs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}"
+        args = ["lsun", "--input", str(lsun[0]), "--output", str(out), "--splits", "train"]
+        assert main([*args, "--shard-size", "4", "--workers", workers, "--no-progress"]) == 0
+        outs.append({p.name: p.read_bytes() for p in (out / "train").glob("*.tar")})
+    assert outs[0] == outs[1] and len(outs[0]) == 6
