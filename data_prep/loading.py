@@ -200,8 +200,11 @@ class _Shuffle:
 class TrainLoader:
     """Iterable of exactly `len(self)` batches per pass; each pass is a new epoch with new draws."""
 
-    def __init__(self, loader: wds.WebLoader, stream: _Stream, batches_per_epoch: int):
-        self.loader, self.stream, self.batches_per_epoch = loader, stream, batches_per_epoch
+    def __init__(
+        self, loader: wds.WebLoader, stream: _Stream, shards: wds.ResampledShards, batches_per_epoch: int
+    ):
+        self.loader, self.stream, self.shards = loader, stream, shards
+        self.batches_per_epoch = batches_per_epoch
         self.next_epoch = 0
 
     def __len__(self) -> int:
@@ -214,6 +217,9 @@ class TrainLoader:
     def __iter__(self):
         self.stream.epoch = self.next_epoch
         self.next_epoch += 1
+        # ResampledShards counts its own passes (in-process only); pin it so the draws depend on
+        # our epoch alone, and a resumed run that calls set_epoch(e) sees what epoch e saw.
+        self.shards.epoch = -1
         return iter(self.loader)
 
 
@@ -242,10 +248,8 @@ def train_loader(
         )
     urls = shard_urls(split_dir)
     stream = _Stream(seed)
-    stages = [
-        wds.ResampledShards(urls, worker_seed=stream.shard_seed, deterministic=True),
-        _tar_samples,
-    ]
+    shards = wds.ResampledShards(urls, worker_seed=stream.shard_seed, deterministic=True)
+    stages = [shards, _tar_samples]
     if shuffle_buffer > 1:
         stages.append(_Shuffle(shuffle_buffer, stream))
     stages += [
@@ -261,7 +265,7 @@ def train_loader(
         persistent_workers=False,
     )
     # with_epoch on the loader (not the dataset) counts batches per rank, summed over its workers.
-    return TrainLoader(loader.with_epoch(batches_per_epoch), stream, batches_per_epoch)
+    return TrainLoader(loader.with_epoch(batches_per_epoch), stream, shards, batches_per_epoch)
 
 
 class _TakeEvery:

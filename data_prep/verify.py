@@ -42,8 +42,7 @@ def split_dirs(path: Path) -> list[Path]:
         p
         for p in path.iterdir()
         if p.is_dir()
-        and any((p / n).exists() for n in (mf.MANIFEST_NAME, mf.PROGRESS_NAME))
-        or mf.list_shard_files(p)
+        and (any((p / n).exists() for n in (mf.MANIFEST_NAME, mf.PROGRESS_NAME)) or mf.list_shard_files(p))
     )
     if not found:
         raise ValueError(f"{path}: no {mf.MANIFEST_NAME} here or in its subfolders")

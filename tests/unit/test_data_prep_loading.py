@@ -94,6 +94,11 @@ def test_train_exact_epochs_shapes_and_reproducibility(data, monkeypatch):
         )
     )
     assert all(torch.equal(a, b) for a, b in zip(epoch0, again, strict=True))
+    resumed = train_loader(
+        root, batch_size=32, batches_per_epoch=7, shuffle_buffer=100, seed=3, random_crop=28, random_flip=True
+    )
+    resumed.set_epoch(1)  # a restarted run continues at epoch 1 and sees what epoch 1 saw
+    assert all(torch.equal(a, b) for a, b in zip(epoch1, list(resumed), strict=True))
     monkeypatch.setenv("RANK", "0")
     other_rank = list(
         train_loader(
