@@ -39,7 +39,10 @@ class ChannelWeightGenerator(nn.Module):
         self.net = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, num_channels))
 
     def forward(self) -> Tensor:
-        return self.net(self.code)
+        # Always in the parameters' precision: a permutation sorted from bf16 logits under autocast in
+        # training could differ from the float32 one that decode and sample rebuild outside it.
+        with torch.autocast(self.code.device.type, enabled=False):
+            return self.net(self.code)
 
 
 class SqueezeExcitation(nn.Module):

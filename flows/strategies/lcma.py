@@ -110,7 +110,8 @@ class LCMASplit(SplitStrategy):
         if not self._measuring():
             return
         coupling = next(c for c in self._couplings if c.net is net)
-        per_dim = -F.softplus(-(h.detach()[:, 1::2] + 2.0)).mean(dim=0)
+        raw = h.detach()[:, 1::2].to(self.running_contribution.dtype) + 2.0
+        per_dim = -F.softplus(-raw).mean(dim=0)
         if self._coupling_log_det is None:
             c, height, width = self.order.shape
             self._coupling_log_det = per_dim.new_zeros((c, height, width))
@@ -119,6 +120,7 @@ class LCMASplit(SplitStrategy):
     @torch.no_grad()
     def batch_contribution(self, x: Tensor) -> Tensor:
         """The contributions (C, H, W) of one batch x (B, C, H, W) at the split input (see module doc)."""
+        x = x.to(self.running_contribution.dtype)  # statistics in full precision, also under autocast
         log_prior = (-0.5 * x * x).mean(dim=0) - 0.5 * math.log(2 * math.pi)
         per_channel = log_prior.new_zeros(x.shape[1])
         for actnorm in self._actnorms:
