@@ -12,13 +12,12 @@ drivers) run in other directories.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from flows import FlowConfig, SplitConfig, dataclass_from_dict, dataclass_to_dict
 from flows.strategies import STRATEGIES
@@ -26,8 +25,13 @@ from flows.strategies import STRATEGIES
 DATA_SOURCES = ("sample", "shards")
 OPTIMIZERS = ("adam", "adamax")
 PRECISIONS = ("auto", "bf16", "fp32")
-SWITCHES = ("auto", "on", "off")
+AUTO = "auto"
 RESERVED_ALIASES = ("latest",)
+
+
+def _check_switch(name: str, value: bool | str) -> None:
+    if not isinstance(value, bool) and value != AUTO:
+        raise ValueError(f"{name}: expected true, false or auto, got {value!r}")
 
 
 def default_split_strategy() -> str:
@@ -52,7 +56,12 @@ class SampleDataConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """Shards under ``root/{train,test}/`` (data_prep's layout). Batch sizes are per worker."""
+    """Shards under ``root/{train,test}/`` (data_prep's layout). Batch sizes are per worker.
+
+    ``source: sample`` builds the built-in sample set into ``root`` if it is missing; ``shards`` expects
+    a finished ``python -m data_prep`` output. A train manifest with ``train_crop`` (LSUN's Glow
+    protocol) makes training take random crops and evaluation the central crop of that size.
+    """
 
     source: str = "sample"
     root: str = "data/sample-32"
@@ -61,6 +70,7 @@ class DataConfig:
     batches_per_epoch: int = 100
     loader_workers: int = 0
     shuffle_buffer: int = 1000
+    random_flip: bool = False
     sample: SampleDataConfig = field(default_factory=SampleDataConfig)
 
     def __post_init__(self) -> None:
@@ -110,7 +120,8 @@ class RunConfig:
     """Length, cadence, checkpoints, precision and fault injection of one named run.
 
     Checkpoints live in ``root/checkpoints/name/`` (Ray Train's storage_path/name); a re-run with the
-    same ``name`` resumes from the latest one. ``fail_at_step`` (a test hook) raises once in the last
+    same ``name`` resumes from the latest one. ``num_threads``: torch CPU threads per process (0 = torch's
+    default; Ray workers get ``ray.cpus_per_worker``). ``fail_at_step`` (a test hook) raises once in the last
     rank at that step; ``nan_loss_from_step`` replaces the loss by NaN from that step on.
     """
 
@@ -126,7 +137,8 @@ class RunConfig:
     num_samples: int = 36
     max_nonfinite_in_row: int = 20
     precision: str = "auto"
-    progress_bar: str = "auto"
+    progress_bar: bool | str = AUTO
+    num_threads: int = 0
     fail_at_step: int = 0
     nan_loss_from_step: int = 0
 
@@ -150,8 +162,9 @@ class RunConfig:
             )
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: unknown {self.precision!r}; choose one of {PRECISIONS}")
-        if self.progress_bar not in SWITCHES:
-            raise ValueError(f"progress_bar: unknown {self.progress_bar!r}; choose one of {SWITCHES}")
+        _check_switch("progress_bar", self.progress_bar)
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads: must be >= 0 (0 = torch's default), got {self.num_threads}")
         if self.fail_at_step < 0 or self.nan_loss_from_step < 0:
             raise ValueError("fail_at_step and nan_loss_from_step: must be >= 0 (0 = off)")
 
@@ -168,6 +181,7 @@ class MlflowConfig:
     tracking_uri: str = ""
     experiment: str = "eiw-flow"
     registered_model: str = "eiw-flow-sample"
+    log_model: bool = True
     register: bool = True
     newest_alias: str = "newest"
     champion_alias: str = "champion"
@@ -178,6 +192,8 @@ class MlflowConfig:
             raise ValueError("experiment: must not be empty")
         if self.register and not self.registered_model:
             raise ValueError("registered_model: must not be empty when register is true")
+        if self.register and not self.log_model:
+            raise ValueError("register: needs log_model: true (the registry holds logged models)")
         for name in ("newest_alias", "champion_alias"):
             alias = getattr(self, name)
             if not alias or alias.lower() in RESERVED_ALIASES or alias[0] == "v" and alias[1:].isdigit():
@@ -191,14 +207,15 @@ class RayConfig:
     """Ray Train scaling. ``enabled: false`` runs the plain loop in this process with no Ray at all.
 
     ``address`` empty: $RAY_ADDRESS (set by ``ray job submit``) or a local embedded Ray started with
-    ``num_cpus`` logical CPUs (0 = Ray's default). ``use_gpu`` auto: when the cluster has GPUs.
+    ``num_cpus`` logical CPUs (0 = Ray's default). ``use_gpu``: true, false or auto (when the cluster
+    has GPUs).
     """
 
     enabled: bool = True
     address: str = ""
     num_cpus: int = 0
     num_workers: int = 1
-    use_gpu: str = "auto"
+    use_gpu: bool | str = AUTO
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     max_failures: int = 2
@@ -206,8 +223,7 @@ class RayConfig:
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"num_workers: must be >= 1, got {self.num_workers}")
-        if self.use_gpu not in SWITCHES:
-            raise ValueError(f"use_gpu: unknown {self.use_gpu!r}; choose one of {SWITCHES}")
+        _check_switch("use_gpu", self.use_gpu)
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0 or self.num_cpus < 0:
             raise ValueError("num_cpus, cpus_per_worker and gpus_per_worker: must be >= 0")
         if self.max_failures < -1:
@@ -233,26 +249,38 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------- loading
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``3e-4`` as a float (YAML 1.1, and so PyYAML, wants ``3.0e-4``)."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
+_YAML_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
 )
 
 
+@functools.cache
+def _yaml_loader() -> type:
+    """SafeLoader that also reads ``3e-4`` as a float (YAML 1.1, and so PyYAML, wants ``3.0e-4``).
+
+    Built on first use: the step math and the benchmark import this module on machines with only torch.
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+0123456789."))
+    return Loader
+
+
 def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ValueError(f"not valid YAML ({e})") from e
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -263,8 +291,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ValueError(f"bad override {text!r}: expected section.key=value, e.g. optim.lr=3e-4")
     try:
         value = _yaml_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ValueError(f"bad override {text!r}: value is not valid YAML ({e})") from e
+    except ValueError as e:
+        raise ValueError(f"bad override {text!r}: value is {e}") from e
     return parts, value
 
 
@@ -318,8 +346,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             raise ValueError(f"--config: no such file {str(p)!r}")
         try:
             loaded = _yaml_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ValueError(f"{p}: not valid YAML ({e})") from e
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from e
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{p}: expected a mapping of sections, got {type(loaded).__name__}")
         data = loaded or {}
@@ -331,6 +359,8 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:
+    import yaml
+
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 

@@ -40,13 +40,20 @@ def ensure_data(cfg: DataConfig, image_shape: tuple[int, int, int]) -> Path:
             manifest = read_manifest(root / split)
         except ValueError as e:
             raise ValueError(f"data.root: {e} (build shards with `python -m data_prep`)") from e
-        found = (int(manifest["channels"]), *map(int, manifest["resolution"]))
+        crop = train_crop(root)
+        found = (int(manifest["channels"]), *((crop, crop) if crop else map(int, manifest["resolution"])))
         if found != tuple(image_shape):
             raise ValueError(
                 f"model.image_shape {tuple(image_shape)} does not match the {split} shards in {root} "
                 f"(channels, height, width = {found})"
             )
     return root
+
+
+def train_crop(root: str | Path) -> int | None:
+    """The crop side the train manifest asks for (LSUN's Glow protocol stores 96, trains on 64 crops)."""
+    crop = read_manifest(Path(root) / "train").get("train_crop")
+    return int(crop) if crop else None
 
 
 def make_train_loader(cfg: DataConfig, *, seed: int):
@@ -58,15 +65,19 @@ def make_train_loader(cfg: DataConfig, *, seed: int):
         num_workers=cfg.loader_workers,
         shuffle_buffer=cfg.shuffle_buffer,
         seed=seed,
+        random_crop=train_crop(cfg.root),
+        random_flip=cfg.random_flip,
     )
 
 
 def make_eval_loader(cfg: DataConfig, *, rank: int, world_size: int):
-    """This rank's share of the test split (every image exactly once across ranks)."""
+    """This rank's share of the test split (every image exactly once across ranks; the central crop
+    when training takes random crops)."""
     return eval_loader(
         Path(cfg.root) / "test",
         batch_size=cfg.eval_batch_size,
         rank=rank,
         world_size=world_size,
         num_workers=cfg.loader_workers,
+        center_crop=train_crop(cfg.root),
     )

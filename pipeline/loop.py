@@ -1,10 +1,9 @@
-"""The plain training loop: ``train_step``, ``evaluate`` and ``fit``, read top to bottom.
+"""The plain training loop ``fit``, read top to bottom (the step math is in pipeline/step.py).
 
 ``fit(cfg)`` runs in one process with no Ray (``LocalRuntime``); the Ray Train adapter calls the same
 ``fit`` on every worker with a ``RayRuntime`` (pipeline/ray_adapter.py). Nothing here imports Ray or
 ``torch.distributed``: the runtime provides rank, device, collectives and checkpoint storage.
 
-Loss: mean bits/dim + model.split.sigma * regularizer (the split strategy's; 0 for static splits).
 ``flows.strategies.advance(flow, step)`` runs before every step's forward on every rank (it freezes
 EIW/LCMA permutations at their configured steps and re-attaches LCMA's measurement after a resume).
 Order of a fresh start: build the flow, initialise ActNorm on rank 0's first batch, then let the
@@ -13,19 +12,15 @@ runtime wrap it (DDP's constructor broadcasts rank 0's parameters and buffers to
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
 from tqdm import tqdm
 
 from flows import FlowModel, build_flow, initialize_actnorm
@@ -35,11 +30,13 @@ from pipeline.config import TrainConfig, checkpoint_root, config_to_dict, config
 from pipeline.data import ensure_data, make_eval_loader, make_train_loader
 from pipeline.runtime import LocalRuntime, Runtime
 from pipeline.sampling import sample_grids, save_grids
+from pipeline.step import TrainingObjective, evaluate, lr_factor, make_optimizer, train_step
 from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 MODEL_VERSION_TAG = "pipeline.model_version"
+FINAL_STEP_TAG = "pipeline.final_step"  # the step whose model was logged: a re-run does not log it twice
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,29 +47,6 @@ class InjectedFault(RuntimeError):
     """Raised by the ``run.fail_at_step`` test hook."""
 
 
-class TrainingObjective(nn.Module):
-    """x uint8 (B, C, H, W) -> (bits/dim (B,), regularizer ()).
-
-    DDP synchronises gradients through ``forward`` only, so the whole loss computation is one forward.
-    """
-
-    def __init__(self, flow: FlowModel) -> None:
-        super().__init__()
-        self.flow = flow
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        bpd = self.flow.bits_per_dim(x)
-        return bpd, self.flow.regularization()
-
-
-@dataclass(kw_only=True)
-class StepResult:
-    bits_per_dim: float
-    regularizer: float
-    grad_norm: float
-    skipped: bool
-
-
 @dataclass(kw_only=True)
 class FitResult:
     step: int
@@ -81,92 +55,6 @@ class FitResult:
     model_version: str | None
     images_per_s: float
     skipped_steps: int
-
-
-# ------------------------------------------------------------------------------ optimisation
-def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    o = cfg.optim
-    cls = torch.optim.Adam if o.name == "adam" else torch.optim.Adamax
-    return cls(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-
-
-def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
-    """step -> multiplier of optim.lr: linear warm-up, then decay_per_epoch ** epoch."""
-    warmup, decay, per_epoch = cfg.optim.warmup_steps, cfg.optim.decay_per_epoch, cfg.data.batches_per_epoch
-
-    def factor(step: int) -> float:
-        ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-        return ramp * decay ** (step // per_epoch)
-
-    return factor
-
-
-def autocast_for(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU (``run.precision`` auto or bf16), plain float32 on CPU."""
-    use_bf16 = device.type == "cuda" and cfg.run.precision in ("auto", "bf16")
-    if cfg.run.precision == "bf16" and device.type != "cuda":
-        log.warning("run.precision=bf16 is only used on GPU; training in float32 on %s", device)
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-
-def train_step(
-    objective: nn.Module,
-    batch: Tensor,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    *,
-    cfg: TrainConfig,
-    runtime: Runtime,
-    poison: bool = False,
-) -> StepResult:
-    """One optimisation step on a uint8 batch (B, C, H, W); skipped (no update) if any rank's loss
-    or the global gradient norm is non-finite. The scheduler advances either way."""
-    optimizer.zero_grad(set_to_none=True)
-    with autocast_for(cfg, runtime.device):
-        bpd, reg = objective(batch)
-    bpd_mean, reg = bpd.float().mean(), reg.float()
-    loss = bpd_mean + cfg.model.split.sigma * reg
-    if poison:
-        loss = loss * float("nan")
-    loss.backward()
-    params = [p for p in objective.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip_norm)
-    # Every rank must take the same decision; the gradient norm is global already, the loss is not.
-    bad = runtime.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
-    bad_ranks, norm, bpd_value, reg_value = torch.cat(
-        [bad, grad_norm.detach().float().reshape(1), bpd_mean.detach().reshape(1), reg.detach().reshape(1)]
-    ).tolist()
-    skipped = bad_ranks > 0 or not math.isfinite(norm)
-    if skipped:
-        optimizer.zero_grad(set_to_none=True)
-    else:
-        optimizer.step()
-    scheduler.step()
-    return StepResult(bits_per_dim=bpd_value, regularizer=reg_value, grad_norm=norm, skipped=skipped)
-
-
-@torch.no_grad()
-def evaluate(flow: FlowModel, batches: Iterable[Tensor], *, runtime: Runtime, seed: int) -> tuple[float, int]:
-    """Exact test bits/dim over every image of every rank's share: (sum over images / count, count).
-
-    Sums and counts are reduced in float64, not per-rank means (ranks may hold different counts).
-    The dequantization noise comes from a generator seeded by (seed, rank), so the number is
-    reproducible for a given checkpoint and world size.
-    """
-    was_training = flow.training
-    flow.eval()
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + runtime.rank)
-    total = torch.zeros(2, dtype=torch.float64, device=runtime.device)
-    try:
-        for batch in batches:
-            bpd = flow.bits_per_dim(batch.to(runtime.device, non_blocking=True), generator=generator)
-            total[0] += bpd.double().sum()
-            total[1] += bpd.numel()
-    finally:
-        flow.train(was_training)
-    total_sum, count = runtime.all_reduce_sum(total).tolist()
-    count = int(round(count))
-    return (total_sum / count if count else float("nan")), count
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -184,9 +72,9 @@ def _maybe_inject_fault(cfg: TrainConfig, runtime: Runtime, step: int) -> None:
 
 
 def _show_progress(cfg: TrainConfig, runtime: Runtime) -> bool:
-    if not runtime.is_main or cfg.run.progress_bar == "off":
+    if not runtime.is_main or cfg.run.progress_bar is False:
         return False
-    return cfg.run.progress_bar == "on" or sys.stderr.isatty()
+    return cfg.run.progress_bar is True or sys.stderr.isatty()
 
 
 def _final_artifacts(
@@ -204,12 +92,16 @@ def _final_artifacts(
         if cfg.mlflow.log_checkpoint:
             final = write_checkpoint(Path(tmp) / checkpoint_name(step), state, config_to_yaml(cfg))
             tracker.log_artifacts([final], f"checkpoint/{final.name}")
-    model_uri = log_flow_model(flow, test_bpd=test_bpd)
-    if not cfg.mlflow.register:
-        return None
-    version = register(model_uri, cfg=cfg.mlflow, test_bpd=test_bpd, run_id=tracker.run_id)
-    tracker.set_tags({MODEL_VERSION_TAG: str(version.version)})
-    return str(version.version)
+    version = None
+    if cfg.mlflow.log_model:
+        model_uri = log_flow_model(flow, test_bpd=test_bpd)
+        if cfg.mlflow.register:
+            version = str(
+                register(model_uri, cfg=cfg.mlflow, test_bpd=test_bpd, run_id=tracker.run_id).version
+            )
+            tracker.set_tags({MODEL_VERSION_TAG: version})
+    tracker.set_tags({FINAL_STEP_TAG: str(step)})
+    return version
 
 
 # ----------------------------------------------------------------------------------------- fit
@@ -218,6 +110,8 @@ def fit(cfg: TrainConfig, *, runtime: Runtime | None = None) -> FitResult:
     if runtime is None:
         runtime = LocalRuntime(checkpoint_root(cfg) / cfg.run.name, num_to_keep=cfg.run.keep_checkpoints)
     device, rank = runtime.device, runtime.rank
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
     ensure_data(cfg.data, cfg.model.image_shape)
     torch.manual_seed(cfg.run.seed * 1000 + rank)
     random.seed(cfg.run.seed * 1000 + rank)
@@ -251,7 +145,11 @@ def fit(cfg: TrainConfig, *, runtime: Runtime | None = None) -> FitResult:
         run_id=run_id,
         run_name=cfg.run.name,
         params=flatten(config_to_dict(cfg)),
-        tags={"pipeline.world_size": str(runtime.world_size), "pipeline.device": device.type},
+        tags={
+            "pipeline.world_size": str(runtime.world_size),
+            "pipeline.device": device.type,
+            **({"pipeline.resumed_from_step": str(step)} if state is not None else {}),
+        },
     )
 
     total, per_epoch = cfg.total_steps, cfg.data.batches_per_epoch
@@ -395,9 +293,11 @@ def fit(cfg: TrainConfig, *, runtime: Runtime | None = None) -> FitResult:
                     break
 
         version = tracker.get_tag(MODEL_VERSION_TAG)
-        if runtime.is_main and version is None:
+        if runtime.is_main and tracker.get_tag(FINAL_STEP_TAG) != str(step):
             assert state is not None, "the last step always checkpoints"
             version = _final_artifacts(tracker, cfg, flow, state, test_bpd, step)
+        elif runtime.is_main:
+            say(f"step {step}: already finished and logged (model version {version}); nothing to do")
         status = "FINISHED"
     except BaseException as e:
         tracker.set_tags({"pipeline.failure": f"{type(e).__name__}: {e}"[:5000]})

@@ -118,8 +118,8 @@ class RayFitResult:
 
 
 def _use_gpu(cfg: TrainConfig) -> bool:
-    if cfg.ray.use_gpu != "auto":
-        return cfg.ray.use_gpu == "on"
+    if isinstance(cfg.ray.use_gpu, bool):
+        return cfg.ray.use_gpu
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 

@@ -1,0 +1,164 @@
+"""Training throughput of the plain loop against the Ray Train adapter with one worker, in one run.
+
+    python benchmarks/train.py [--config configs/sample.yaml] [--steps 30] [--rounds 3] [--threads N]
+
+Both paths run ``pipeline.step.train_step`` (forward, bits/dim + sigma * regularizer, backward,
+grad clipping, the cross-rank non-finite check, Adam step) on the same model and the same batches
+(fixed synthetic uint8 images: throughput does not depend on pixel values). The plain path runs in
+this process; the Ray path runs the identical code in one ``TorchTrainer`` worker through
+``RayRuntime``. Both get the same device and the same number of torch threads (on CPU), and each
+measures per-step wall times after a warm-up. Plain rounds run before and after the Ray rounds so
+that drifting machine load hits both; the table reports medians.
+
+Needs only torch (and flows/pipeline from this repo): without an importable ``ray`` the Ray half is
+skipped with a message, so it runs on a GPU box that has nothing else. ``--config`` needs PyYAML;
+without it the model is the sample config's (3 levels x 4 steps, 64 hidden, batch 32, 32x32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm  # noqa: E402
+from flows.strategies import STRATEGIES, advance  # noqa: E402
+from pipeline.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
+from pipeline.runtime import Runtime  # noqa: E402
+from pipeline.step import TrainingObjective, lr_factor, make_optimizer, train_step  # noqa: E402
+
+
+class PlainRuntime(Runtime):
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+
+def default_config(args: argparse.Namespace) -> TrainConfig:
+    if args.config:
+        from pipeline.config import load_config
+
+        return load_config(args.config, args.overrides)
+    strategy = "eiw" if "eiw" in STRATEGIES else STRATEGIES[0]
+    model = FlowConfig(image_shape=(3, 32, 32), num_levels=3, num_steps=4, hidden_channels=64,
+                       split=SplitConfig(strategy=strategy))  # fmt: skip
+    return TrainConfig(model=model, data=DataConfig(batch_size=32), run=RunConfig(name="bench"))
+
+
+def make_batches(cfg: TrainConfig, device: torch.device, count: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    shape = (cfg.data.batch_size, *cfg.model.image_shape)
+    return [torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(device) for _ in range(count)]
+
+
+def time_steps(cfg: TrainConfig, runtime: Runtime, *, steps: int, rounds: int, warmup: int) -> list[float]:
+    """Per-step wall seconds of ``train_step`` for ``rounds`` x ``steps`` steps after ``warmup`` steps."""
+    torch.manual_seed(0)
+    device = runtime.device
+    flow = build_flow(cfg.model).to(device)
+    batches = make_batches(cfg, device)
+    initialize_actnorm(flow, batches[0])
+    objective = runtime.wrap(TrainingObjective(flow))
+    optimizer = make_optimizer(flow.parameters(), cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    times: list[float] = []
+    for i in range(warmup + rounds * steps):
+        advance(flow, i)
+        start = time.perf_counter()
+        train_step(objective, batches[i % len(batches)], optimizer, scheduler, cfg=cfg, runtime=runtime)
+        if i >= warmup:  # train_step reads its results back, so the device is synchronised here
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _ray_worker(config: dict) -> None:
+    import ray.train
+
+    from pipeline.config import config_from_dict
+    from pipeline.ray_adapter import RayRuntime
+
+    cfg = config_from_dict(config["cfg"])
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    times = time_steps(cfg, RayRuntime(cfg), steps=config["steps"], rounds=config["rounds"],
+                       warmup=config["warmup"])  # fmt: skip
+    ray.train.report({"median_s": statistics.median(times), "mean_s": statistics.fmean(times),
+                      "threads": torch.get_num_threads()})  # fmt: skip
+
+
+def time_ray(cfg: TrainConfig, args: argparse.Namespace, use_gpu: bool, tmp: Path) -> dict | None:
+    try:
+        import ray
+        from ray.train import RunConfig as RayRunConfig
+        from ray.train import ScalingConfig
+        from ray.train.torch import TorchTrainer
+    except ImportError as e:
+        print(f"ray is not importable ({e}); skipping the Ray adapter half")
+        return None
+    from pipeline.config import config_to_dict
+
+    ray.init(address="local", num_cpus=max(2, args.threads + 1), include_dashboard=False, log_to_driver=False)
+    try:
+        trainer = TorchTrainer(
+            _ray_worker,
+            train_loop_config={"cfg": config_to_dict(cfg), "threads": args.threads if not use_gpu else 0,
+                               "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup},
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": max(1, args.threads)}),
+            run_config=RayRunConfig(name="bench-train", storage_path=str(tmp)),
+        )  # fmt: skip
+        return dict(trainer.fit().metrics)
+    finally:
+        ray.shutdown()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="experiment YAML (model and batch size); needs PyYAML")
+    parser.add_argument("--steps", type=int, default=30, help="measured steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in both paths (CPU only)")
+    parser.add_argument("overrides", nargs="*", help="config overrides section.key=value (with --config)")
+    args = parser.parse_args()
+
+    cfg = default_config(args)
+    use_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+    if not use_gpu:
+        torch.set_num_threads(args.threads)
+    m = cfg.model
+    print(f"model {m.num_levels}x{m.num_steps} hidden {m.hidden_channels} split {m.split.strategy}, "
+          f"batch {cfg.data.batch_size} x {m.image_shape}, device {device}"
+          + ("" if use_gpu else f", {args.threads} torch thread(s)"))  # fmt: skip
+
+    half = max(1, args.rounds // 2 + args.rounds % 2)
+    plain = time_steps(cfg, PlainRuntime(device), steps=args.steps, rounds=half, warmup=args.warmup)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        ray_metrics = time_ray(cfg, args, use_gpu, Path(tmp))
+    plain += time_steps(cfg, PlainRuntime(device), steps=args.steps, rounds=half, warmup=args.warmup)
+
+    batch = cfg.data.batch_size
+    plain_s = statistics.median(plain)
+    rows = [("plain loop (this process)", plain_s)]
+    if ray_metrics is not None:
+        rows.append(
+            (f"Ray Train adapter, 1 worker ({ray_metrics['threads']} thread(s))", ray_metrics["median_s"])
+        )
+    print("\n| path | step ms (median) | images/s | relative to plain |\n|---|---|---|---|")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds * 1e3:.1f} | {batch / seconds:.1f} | {plain_s / seconds:.3f} |")
+    if ray_metrics is not None:
+        overhead = ray_metrics["median_s"] / plain_s - 1.0
+        print(f"\nRay adapter overhead: {overhead * 100:+.1f}% step time (target <= 5%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

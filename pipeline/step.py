@@ -1,0 +1,131 @@
+"""One optimisation step and the exact evaluation: the math of training, torch and flows only.
+
+No Ray, MLflow or data loading here (benchmarks/train.py runs these on a machine with only torch).
+Loss: mean bits/dim + model.split.sigma * regularizer (the split strategy's; 0 for static splits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from flows import FlowModel
+from pipeline.config import TrainConfig
+from pipeline.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class TrainingObjective(nn.Module):
+    """x uint8 (B, C, H, W) -> (bits/dim (B,), regularizer ()).
+
+    DDP synchronises gradients through ``forward`` only, so the whole loss computation is one forward.
+    """
+
+    def __init__(self, flow: FlowModel) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        bpd = self.flow.bits_per_dim(x)
+        return bpd, self.flow.regularization()
+
+
+@dataclass(kw_only=True)
+class StepResult:
+    bits_per_dim: float
+    regularizer: float
+    grad_norm: float
+    skipped: bool
+
+
+# ------------------------------------------------------------------------------ optimisation
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.Adamax
+    return cls(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+
+
+def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
+    """step -> multiplier of optim.lr: linear warm-up, then decay_per_epoch ** epoch."""
+    warmup, decay, per_epoch = cfg.optim.warmup_steps, cfg.optim.decay_per_epoch, cfg.data.batches_per_epoch
+
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        return ramp * decay ** (step // per_epoch)
+
+    return factor
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU (``run.precision`` auto or bf16), plain float32 on CPU."""
+    use_bf16 = device.type == "cuda" and cfg.run.precision in ("auto", "bf16")
+    if cfg.run.precision == "bf16" and device.type != "cuda":
+        log.warning("run.precision=bf16 is only used on GPU; training in float32 on %s", device)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def train_step(
+    objective: nn.Module,
+    batch: Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    cfg: TrainConfig,
+    runtime: Runtime,
+    poison: bool = False,
+) -> StepResult:
+    """One optimisation step on a uint8 batch (B, C, H, W); skipped (no update) if any rank's loss
+    or the global gradient norm is non-finite (then neither the optimizer nor the scheduler moves)."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast_for(cfg, runtime.device):
+        bpd, reg = objective(batch)
+    bpd_mean, reg = bpd.float().mean(), reg.float()
+    loss = bpd_mean + cfg.model.split.sigma * reg
+    if poison:
+        loss = loss * float("nan")
+    loss.backward()
+    params = [p for p in objective.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip_norm)
+    # Every rank must take the same decision; the gradient norm is global already, the loss is not.
+    bad = runtime.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
+    bad_ranks, norm, bpd_value, reg_value = torch.cat(
+        [bad, grad_norm.detach().float().reshape(1), bpd_mean.detach().reshape(1), reg.detach().reshape(1)]
+    ).tolist()
+    skipped = bad_ranks > 0 or not math.isfinite(norm)
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+        scheduler.step()  # the schedule counts updates, so a skipped step does not eat warm-up
+    return StepResult(bits_per_dim=bpd_value, regularizer=reg_value, grad_norm=norm, skipped=skipped)
+
+
+@torch.no_grad()
+def evaluate(flow: FlowModel, batches: Iterable[Tensor], *, runtime: Runtime, seed: int) -> tuple[float, int]:
+    """Exact test bits/dim over every image of every rank's share: (sum over images / count, count).
+
+    Sums and counts are reduced in float64, not per-rank means (ranks may hold different counts).
+    The dequantization noise comes from a generator seeded by (seed, rank), so the number is
+    reproducible for a given checkpoint and world size.
+    """
+    was_training = flow.training
+    flow.eval()
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + runtime.rank)
+    total = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+    try:
+        for batch in batches:
+            bpd = flow.bits_per_dim(batch.to(runtime.device, non_blocking=True), generator=generator)
+            total[0] += bpd.double().sum()
+            total[1] += bpd.numel()
+    finally:
+        flow.train(was_training)
+    total_sum, count = runtime.all_reduce_sum(total).tolist()
+    count = int(round(count))
+    return (total_sum / count if count else float("nan")), count
