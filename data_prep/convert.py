@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep import manifest as mf
+from data_prep.images import DEFAULT_PNG_LEVEL, set_png_level
 from data_prep.writer import Sample, ShardFile, ShardRecord, Skipped, sha256_file
 
 TICK = 256  # progress-bar granularity, in source positions
@@ -67,6 +68,7 @@ class RunOptions:
     seed: int = 0
     command: tuple[str, ...] = ()
     progress: bool = True
+    png_level: int = DEFAULT_PNG_LEVEL
     extra_config: dict = field(default_factory=dict)
     # .tar files with neither manifest nor progress record: refuse (default) or delete and rebuild
     replace_orphans: bool = False
@@ -74,6 +76,8 @@ class RunOptions:
     def __post_init__(self):
         if self.shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
+        if not 0 <= self.png_level <= 9:
+            raise ValueError(f"--png-level must be 0..9, got {self.png_level}")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
 
@@ -92,6 +96,7 @@ def convert_split(source: SplitSource, opts: RunOptions) -> dict:
         "shard_size": opts.shard_size,
         "seed": opts.seed,
         "inputs": source.inputs(),
+        "png_level": opts.png_level,
         **opts.extra_config,
     }
     config = json.loads(json.dumps(config))  # tuples -> lists, so it compares equal to what is read back
@@ -241,9 +246,12 @@ def _init_worker(q) -> None:
     _report = q.put
 
 
-def _run_chunk(source: SplitSource, split_dir: Path, indices: list[int], shard_size: int, n: int):
+def _run_chunk(
+    source: SplitSource, split_dir: Path, indices: list[int], shard_size: int, n: int, png_level: int
+):
     """Write shards `indices` (consecutive). Runs in a worker process or inline."""
     assert _report is not None
+    set_png_level(png_level)
     start, stop = indices[0] * shard_size, min((indices[-1] + 1) * shard_size, n)
     items = source.iter_range(start, stop)
     records = []
@@ -288,7 +296,7 @@ def _run(source, split_dir, pending, n, opts, config, done) -> None:
             _report = on_message
             try:
                 for chunk in chunks:
-                    _run_chunk(source, split_dir, chunk, opts.shard_size, n)
+                    _run_chunk(source, split_dir, chunk, opts.shard_size, n, opts.png_level)
             finally:
                 _report = None
         else:
@@ -303,7 +311,10 @@ def _run_pool(source, split_dir, chunks, n, opts, on_message) -> None:
     q = ctx.Queue()
     pool = ctx.Pool(min(opts.workers, len(chunks)), initializer=_init_worker, initargs=(q,))
     try:
-        results = [pool.apply_async(_run_chunk, (source, split_dir, c, opts.shard_size, n)) for c in chunks]
+        results = [
+            pool.apply_async(_run_chunk, (source, split_dir, c, opts.shard_size, n, opts.png_level))
+            for c in chunks
+        ]
         while results:
             with contextlib.suppress(queue_mod.Empty):
                 on_message(q.get(timeout=0.2))
@@ -334,6 +345,7 @@ def _build_manifest(source: SplitSource, opts: RunOptions, config: dict, records
         "sample_format": "png",
         **fields,
         "shard_size": opts.shard_size,
+        "png_level": opts.png_level,
         "shards": [r.manifest_entry() for r in records],
         "total": sum(r.count for r in records),
         "skipped": skipped,

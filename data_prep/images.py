@@ -10,9 +10,12 @@ import io
 import numpy as np
 from PIL import Image
 
-# Level 1 costs ~10% in size over level 6 on 64x64 photos but encodes ~3x faster; any fixed level
-# keeps the output byte-identical for a given zlib, which is what determinism needs.
-PNG_COMPRESS_LEVEL = 1
+# zlib level for the PNGs. Default 0 (stored deflate blocks, still lossless PNG): 64x64 photos take
+# ~13 KB instead of ~7 KB at level 1, but decode ~1.7x faster, and decoding is what training pays
+# for on every epoch (docs/benchmarks.md). Any fixed level is deterministic for a given zlib.
+# The converter sets it per run (`--png-level`) through set_png_level in each worker.
+DEFAULT_PNG_LEVEL = 0
+PNG_COMPRESS_LEVEL = DEFAULT_PNG_LEVEL
 # BICUBIC in PIL is area-aware when downscaling (its support grows with the scale factor), so it
 # does not alias the way a plain bicubic sampler would.
 RESAMPLE = Image.Resampling.BICUBIC
@@ -21,6 +24,13 @@ ACCEPTED_MODES = ("RGB", "L")
 
 class UndecodableImage(ValueError):
     """The bytes are not an image PIL can decode (corrupt or truncated)."""
+
+
+def set_png_level(level: int) -> None:
+    global PNG_COMPRESS_LEVEL
+    if not 0 <= level <= 9:
+        raise ValueError(f"--png-level must be 0..9, got {level}")
+    PNG_COMPRESS_LEVEL = level
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep.convert import RunOptions, SplitSource, convert_split
-from data_prep.images import RESAMPLE, encode_png, open_file, to_array, to_rgb
+from data_prep.images import DEFAULT_PNG_LEVEL, RESAMPLE, encode_png, open_file, to_array, to_rgb
 from data_prep.writer import Sample
 
 # Real photographs only (no synthetic test patterns, logos or silhouettes); one entry per scene.
@@ -176,6 +176,7 @@ def ensure_sample_shards(
     shard_size: int = DEFAULT_SHARD_SIZE,
     workers: int = 1,
     progress: bool = False,
+    png_level: int = DEFAULT_PNG_LEVEL,
 ) -> Path:
     """Build the sample set into `out_dir/{train,test}/` unless a valid identical build is there.
 
@@ -198,6 +199,7 @@ def ensure_sample_shards(
         seed=seed,
         command=command,
         progress=progress,
+        png_level=png_level,
         replace_orphans=True,  # a sample split that lost its manifest is rebuilt, not an error
     )
     with _locked(out / ".sample.lock"):

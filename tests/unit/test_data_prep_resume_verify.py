@@ -193,3 +193,26 @@ def test_verify_flags_undecodable_sample_by_key(reference, tmp_path, capsys):
     assert main(["verify", str(out / "test")]) == 1
     report = capsys.readouterr().out
     assert f"test-000000.tar/{key}: png does not decode" in report
+
+
+def test_png_level_changes_bytes_not_pixels(reference, tmp_path, capsys):
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    out = build(tmp_path / "out", "--png-level", "6", "--splits", "test")
+    a, b = reference / "test" / "test-000000.tar", out / "test" / "test-000000.tar"
+    assert a.stat().st_size > 1.3 * b.stat().st_size  # level 0 (default) stores, level 6 deflates
+
+    def pixels(path):
+        ds = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None, workersplitter=None)
+        return {s["__key__"]: np.asarray(Image.open(io.BytesIO(s["png"]))) for s in ds}
+
+    pa, pb = pixels(a), pixels(b)
+    assert pa.keys() == pb.keys() and all(np.array_equal(pa[k], pb[k]) for k in pa)
+    assert main(["verify", str(out)]) == 0
+    assert json.loads((out / "test" / "manifest.json").read_text())["png_level"] == 6
+    assert main([*ARGS, "--output", str(out), "--splits", "test", "--workers", "1"]) == 2
+    assert "png_level" in capsys.readouterr().err
