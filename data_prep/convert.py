@@ -29,6 +29,10 @@ from data_prep.writer import Sample, ShardFile, ShardRecord, Skipped, sha256_fil
 TICK = 256  # progress-bar granularity, in source positions
 
 
+class ConfigMismatch(ValueError):
+    """The output folder holds shards made from another dataset or with other settings."""
+
+
 class SplitSource(abc.ABC):
     """One split of one dataset. Subclasses are dataclasses holding paths and options, never pixels."""
 
@@ -155,7 +159,7 @@ def _check_siblings(split_dir: Path, dataset: dict, overwrite: bool) -> None:
                     _wipe(sibling)
                 elif other != dataset:
                     diffs = "; ".join(mf.config_differences(other or {}, dataset))
-                    raise ValueError(
+                    raise ConfigMismatch(
                         f"{split_dir.parent} already holds another dataset in {sibling.name}/ "
                         f"({diffs}); use another --output or --overwrite"
                     )
@@ -177,7 +181,7 @@ def _load_previous(
         old = record.get("config")
         if old != config:
             diffs = mf.config_differences(old or {}, config)
-            raise ValueError(
+            raise ConfigMismatch(
                 f"{split_dir} holds shards of another dataset/config ({'; '.join(diffs)}); "
                 "use another --output or pass --overwrite to replace them"
             )

@@ -13,9 +13,11 @@ Deterministic given the seed; the test photos are fixed so every seed evaluates 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import importlib.util
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.convert import RunOptions, SplitSource, convert_split
+from data_prep.convert import ConfigMismatch, RunOptions, SplitSource, convert_split
 from data_prep.images import DEFAULT_PNG_LEVEL, RESAMPLE, encode_png, open_file, to_array, to_rgb
+from data_prep.manifest import MANIFEST_NAME, PROGRESS_NAME, load_json
 from data_prep.writer import Sample
 
 # Real photographs only (no synthetic test patterns, logos or silhouettes); one entry per scene.
@@ -181,9 +184,10 @@ def ensure_sample_shards(
     """Build the sample set into `out_dir/{train,test}/` unless a valid identical build is there.
 
     Valid means: complete manifests for this exact config and every shard's sha256 matching.
-    Missing or corrupt shards (and shards whose manifest was lost) are rebuilt; a folder holding
-    another dataset or config is a ValueError (never silently replaced). Safe to call from several
-    processes at once. Returns the folder holding `train/` and `test/`.
+    Missing or corrupt shards (and shards whose manifest was lost) are rebuilt; a sample build with
+    other settings is replaced (it is derived data); a folder holding shards of another dataset is
+    a ValueError, never touched. Safe to call from several processes at once. Returns the folder
+    holding `train/` and `test/`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,8 +208,29 @@ def ensure_sample_shards(
     )
     with _locked(out / ".sample.lock"):
         for source in sample_sources(opts):
-            convert_split(source, run)
+            try:
+                convert_split(source, run)
+            except ConfigMismatch:
+                # The sample set is a cache of derived data: a build with other settings (or from an
+                # older data_prep) is replaced. Shards of any other dataset are never touched.
+                if not _holds_only_sample_builds(out):
+                    raise
+                print(f"{out}: replacing a sample build made with other settings", file=sys.stderr)
+                convert_split(source, dataclasses.replace(run, overwrite=True))
     return out
+
+
+def _holds_only_sample_builds(out: Path) -> bool:
+    records = [p / n for p in out.iterdir() if p.is_dir() for n in (MANIFEST_NAME, PROGRESS_NAME)]
+    for path in records:
+        if path.exists():
+            try:
+                source = load_json(path).get("config", {}).get("dataset", {}).get("source")
+            except ValueError:
+                return False
+            if source != "sample":
+                return False
+    return True
 
 
 @contextlib.contextmanager

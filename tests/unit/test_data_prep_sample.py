@@ -68,7 +68,7 @@ def test_idempotent_and_deterministic(tmp_path):
         assert (a / name).read_bytes() != (c / name).read_bytes()
 
 
-def test_invalid_build_is_repaired_but_other_config_refused(tmp_path):
+def test_invalid_build_repaired_other_settings_replaced_other_dataset_refused(tmp_path):
     out = ensure_sample_shards(tmp_path / "s", n_train=200, n_test=50, shard_size=100)
     good = (out / "train" / "train-000001.tar").read_bytes()
     (out / "train" / "train-000001.tar").write_bytes(good[:5000])
@@ -76,5 +76,13 @@ def test_invalid_build_is_repaired_but_other_config_refused(tmp_path):
     ensure_sample_shards(tmp_path / "s", n_train=200, n_test=50, shard_size=100)
     assert (out / "train" / "train-000001.tar").read_bytes() == good
     assert json.loads((out / "test" / "manifest.json").read_text())["complete"] is True
+    # other settings: the sample set is derived data, so it is rebuilt ...
+    ensure_sample_shards(tmp_path / "s", 64, n_train=200, n_test=50, shard_size=100)
+    assert json.loads((out / "train" / "manifest.json").read_text())["resolution"] == [64, 64]
+    # ... but shards of another dataset are never replaced
+    other = json.loads((out / "test" / "manifest.json").read_text())
+    other["config"]["dataset"]["source"] = other["source"] = "cifar10"
+    (out / "test" / "manifest.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="another dataset"):
-        ensure_sample_shards(tmp_path / "s", 64, n_train=200, n_test=50, shard_size=100)
+        ensure_sample_shards(tmp_path / "s", 32, n_train=200, n_test=50, shard_size=100)
+    assert json.loads((out / "test" / "manifest.json").read_text())["source"] == "cifar10"
