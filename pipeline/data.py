@@ -14,14 +14,15 @@ from data_prep.manifest import read_manifest
 from pipeline.config import DataConfig
 
 
-def ensure_data(cfg: DataConfig, image_shape: tuple[int, int, int]) -> Path:
-    """Build the sample set if ``cfg.source`` is ``sample`` and it is missing; check both splits.
+def ensure_data(cfg: DataConfig, image_shape: tuple[int, int, int], *, build: bool = True) -> Path:
+    """Check both splits; with ``build``, first build the sample set if ``cfg.source`` is ``sample``
+    and it is missing or incomplete (in one process: Ray workers only check what the driver built).
 
     ValueError when a split is missing or its images do not have the model's (C, H, W).
     """
     root = Path(cfg.root)
     channels, height, width = image_shape
-    if cfg.source == "sample":
+    if cfg.source == "sample" and build:
         from data_prep.sources.sample import ensure_sample_shards
 
         if height != width:

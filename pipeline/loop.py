@@ -112,7 +112,7 @@ def fit(cfg: TrainConfig, *, runtime: Runtime | None = None) -> FitResult:
     device, rank = runtime.device, runtime.rank
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
-    ensure_data(cfg.data, cfg.model.image_shape)
+    ensure_data(cfg.data, cfg.model.image_shape, build=isinstance(runtime, LocalRuntime))
     torch.manual_seed(cfg.run.seed * 1000 + rank)
     random.seed(cfg.run.seed * 1000 + rank)
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import TrainConfig, checkpoint_root, config_from_dict, config_to_dict
+from pipeline.data import ensure_data
 from pipeline.loop import fit
 from pipeline.runtime import Runtime
 
@@ -143,6 +144,7 @@ def ray_session(cfg: TrainConfig) -> Iterator[None]:
 
 def fit_with_ray(cfg: TrainConfig, *, worker_fn: Callable[[dict], None] = train_worker) -> RayFitResult:
     """Run ``fit`` on ``cfg.ray.num_workers`` Ray Train workers; returns rank 0's final report."""
+    ensure_data(cfg.data, cfg.model.image_shape)  # here, once; workers only check it
     with ray_session(cfg):
         use_gpu = _use_gpu(cfg)
         resources = {"CPU": cfg.ray.cpus_per_worker}

@@ -57,9 +57,6 @@ def model_version_of(cfg: TrainConfig, run_id: str | None) -> str | None:
 
 def run(cfg: TrainConfig) -> dict:
     """Train ``cfg`` (already resolved); returns a summary dict."""
-    from pipeline.data import ensure_data
-
-    ensure_data(cfg.data, cfg.model.image_shape)  # once here, not racing in every worker
     if cfg.ray.enabled:
         from pipeline.ray_adapter import fit_with_ray
 
