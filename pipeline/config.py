@@ -176,6 +176,8 @@ class MlflowConfig:
 
     MLflow reserves the alias ``latest`` (``models:/<name>/latest`` already means the newest version),
     so the alias that follows every new version is ``newest_alias``.
+
+    ``parent_run_id``: nest the run under that MLflow run (a search's parent run; tune/ sets it).
     """
 
     tracking_uri: str = ""
@@ -186,6 +188,7 @@ class MlflowConfig:
     newest_alias: str = "newest"
     champion_alias: str = "champion"
     log_checkpoint: bool = True
+    parent_run_id: str = ""
 
     def __post_init__(self) -> None:
         if not self.experiment:

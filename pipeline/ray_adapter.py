@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,8 +142,16 @@ def ray_session(cfg: TrainConfig) -> Iterator[None]:
         ray.shutdown()
 
 
-def fit_with_ray(cfg: TrainConfig, *, worker_fn: Callable[[dict], None] = train_worker) -> RayFitResult:
-    """Run ``fit`` on ``cfg.ray.num_workers`` Ray Train workers; returns rank 0's final report."""
+def fit_with_ray(
+    cfg: TrainConfig,
+    *,
+    worker_fn: Callable[[dict], None] = train_worker,
+    callbacks: Sequence[ray.train.UserCallback] = (),
+) -> RayFitResult:
+    """Run ``fit`` on ``cfg.ray.num_workers`` Ray Train workers; returns rank 0's final report.
+
+    ``callbacks`` go to the Train ``RunConfig`` (a Tune trial passes ``TuneReportCallback()``).
+    """
     ensure_data(cfg.data, cfg.model.image_shape)  # here, once; workers only check it
     with ray_session(cfg):
         use_gpu = _use_gpu(cfg)
@@ -163,6 +171,7 @@ def fit_with_ray(cfg: TrainConfig, *, worker_fn: Callable[[dict], None] = train_
                 storage_path=str(checkpoint_root(cfg)),
                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+                callbacks=list(callbacks),
             ),
         )
         result = trainer.fit()

@@ -16,6 +16,7 @@ from typing import Any
 import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline.config import MlflowConfig
 
@@ -91,6 +92,8 @@ class Tracker:
         items = list(new.items())
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))
+        if self.cfg.parent_run_id:
+            tags = {MLFLOW_PARENT_RUN_ID: self.cfg.parent_run_id, **tags}
         mlflow.set_tags({RUN_NAME_TAG: run_name, **tags})
 
     def record(self, step: int, metrics: dict[str, float]) -> None:
