@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from pipeline.config import TrainConfig, config_to_yaml, load_config, resolve
@@ -74,15 +75,34 @@ def run(cfg: TrainConfig) -> dict:
     }
 
 
+def warn_if_ephemeral(raw: TrainConfig, cfg: TrainConfig) -> None:
+    """Under ``ray job submit`` the driver runs in an unpacked copy of the working dir, which Ray
+    deletes with the session: relative roots would put checkpoints and the MLflow store there."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ or "runtime_resources" not in os.getcwd():
+        return
+    roots = (("run.root", raw.run.root), ("data.root", raw.data.root))
+    relative = [f"{k}={v}" for k, v in roots if not os.path.isabs(v)]
+    if relative:
+        log.warning(
+            "running from Ray's uploaded working dir %s: %s resolve inside it and vanish with the Ray "
+            "session; pass absolute paths (e.g. run.root=$PWD/runs data.root=$PWD/data/...) or set "
+            "MLFLOW_TRACKING_URI to a server",
+            os.getcwd(),
+            ", ".join(relative),
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = list(args.overrides) + (["ray.enabled=false"] if args.no_ray else [])
     try:
-        cfg = resolve(load_config(args.config, overrides))
+        raw = load_config(args.config, overrides)
+        cfg = resolve(raw)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warn_if_ephemeral(raw, cfg)
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
