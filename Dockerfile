@@ -1,0 +1,45 @@
+# syntax=docker/dockerfile:1
+# The project image. Ray head and worker pods (KubeRay or the cluster launcher), RayJob drivers and
+# the MLflow server all run this one image, so every process sees the same code and library versions.
+#
+#   docker build -t eiw-flow:0.1.0 .
+#
+# It installs the project as the README does (`pip install -e .`, Python 3.11), with torch and
+# torchvision pinned exactly as in pyproject.toml. Those are PyPI's default Linux wheels, which bundle
+# CUDA: the same image runs CPU and NVIDIA GPU pods (the GPU driver comes from the node).
+FROM python:3.11-slim-bookworm
+
+# wget: KubeRay's readiness/liveness probes call it; curl and procps: health checks and
+# infra/local/*.sh; tini: reaps Ray's orphaned worker processes when it runs as PID 1.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends wget curl procps tini \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Uid 1000 is the `ray` user of KubeRay's examples; shared volumes are usually provisioned for it.
+RUN useradd --create-home --uid 1000 --shell /bin/bash ray
+WORKDIR /app
+
+# The biggest layer first, so code changes do not re-download it (pins as in pyproject.toml).
+RUN pip install torch==2.14.1 torchvision==0.29.1
+
+COPY pyproject.toml README.md ./
+COPY flows ./flows
+COPY data_prep ./data_prep
+COPY pipeline ./pipeline
+COPY tune ./tune
+COPY configs ./configs
+RUN pip install -e .
+
+# Drivers for the team MLflow server: PostgreSQL backend store and S3 artifact store.
+RUN pip install "psycopg2-binary>=2.9" "boto3>=1.34"
+
+COPY infra ./infra
+# The code stays root-owned and read-only for the runtime user.
+USER ray
+
+ENTRYPOINT ["/usr/bin/tini", "--"]
+CMD ["python", "-m", "pipeline.train", "--help"]

@@ -1,0 +1,245 @@
+"""The deployment files in infra/ and the Dockerfile, parsed and checked for the fields we rely on.
+
+Nothing here talks to Kubernetes, AWS or Docker (none runs on the CI machine): the checks are the
+contract between these files and the code, e.g. that the RayJob entrypoint is a valid training
+command whose paths live on the shared volume, or that the image installs the pinned torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+INFRA = REPO / "infra"
+K8S = INFRA / "k8s"
+LAUNCHER = INFRA / "cluster-launcher" / "aws-gpu.yaml"
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+IMAGE = f"eiw-flow:{PYPROJECT['project']['version']}"
+SHARED = "/shared"
+
+
+def k8s_docs() -> dict[tuple[str, str], dict]:
+    docs = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc is None:
+                continue
+            assert "apiVersion" in doc and "kind" in doc, path
+            docs[(doc["kind"], doc["metadata"]["name"] if "metadata" in doc else path.name)] = doc
+    return docs
+
+
+DOCS = k8s_docs()
+
+
+def pinned(name: str) -> str:
+    """The exact version pyproject.toml pins for ``name`` (``name==X``)."""
+    for dep in PYPROJECT["project"]["dependencies"]:
+        m = re.fullmatch(rf"{re.escape(name)}==([\w.]+)", dep)
+        if m:
+            return m.group(1)
+    raise AssertionError(f"{name} is not pinned with == in pyproject.toml")
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def secret_ref(env: dict[str, dict], name: str) -> dict:
+    assert name in env, f"{name} missing"
+    assert "value" not in env[name], f"{name} must come from a secret, not a literal"
+    return env[name]["valueFrom"]["secretKeyRef"]
+
+
+def ray_cluster_specs() -> list[tuple[str, dict]]:
+    return [
+        ("RayCluster", DOCS[("RayCluster", "eiw-flow")]["spec"]),
+        ("RayJob", DOCS[("RayJob", "eiw-flow-imagenet64")]["spec"]["rayClusterSpec"]),
+    ]
+
+
+def test_every_manifest_has_kind_and_namespace_and_kustomize_lists_it():
+    kustomization = DOCS[("Kustomization", "kustomization.yaml")]
+    listed = set(kustomization["resources"])
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "rayjob.yaml"}
+    assert listed == on_disk  # rayjob.yaml is per run: kubectl create -f, not part of the base
+    for (kind, name), doc in DOCS.items():
+        if kind in ("Kustomization", "Namespace"):
+            continue
+        assert doc["metadata"].get("namespace") == "eiw-flow", (kind, name)
+    assert DOCS[("RayCluster", "eiw-flow")]["apiVersion"] == "ray.io/v1"
+    assert DOCS[("RayJob", "eiw-flow-imagenet64")]["apiVersion"] == "ray.io/v1"
+    assert DOCS[("Deployment", "mlflow")]["apiVersion"] == "apps/v1"
+
+
+@pytest.mark.parametrize("kind, spec", ray_cluster_specs(), ids=["raycluster", "rayjob"])
+def test_ray_cluster_spec_gpu_workers_shared_storage_and_secrets(kind, spec):
+    ray_minor = re.fullmatch(
+        r"ray\[[\w,]+\]==([\d.]+)\.\*",
+        next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("ray[")),
+    ).group(1)
+    assert spec["rayVersion"].startswith(ray_minor + ".")
+    assert spec["authOptions"]["mode"] == "token"
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # no training worker on the head
+    (gpu_group,) = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    pods = [("head", head["template"]["spec"]), ("gpu", gpu_group["template"]["spec"])]
+    for role, pod in pods:
+        (container,) = pod["containers"]
+        assert container["image"] == IMAGE, role
+        ref = secret_ref(env_of(container), "MLFLOW_TRACKING_URI")
+        assert ref == {"name": "eiw-flow-mlflow", "key": "tracking-uri"}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        shared = volumes[mounts[SHARED]]
+        assert shared["persistentVolumeClaim"]["claimName"] == "eiw-flow-shared", role
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    (worker,) = gpu_group["template"]["spec"]["containers"]
+    for bound in ("requests", "limits"):
+        assert int(worker["resources"][bound]["nvidia.com/gpu"]) >= 1
+    assert any(t["key"] == "nvidia.com/gpu" for t in gpu_group["template"]["spec"]["tolerations"])
+    pvc = DOCS[("PersistentVolumeClaim", "eiw-flow-shared")]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # every node mounts it
+
+
+def test_rayjob_entrypoint_is_a_valid_training_command_on_shared_paths():
+    spec = DOCS[("RayJob", "eiw-flow-imagenet64")]["spec"]
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:4] == ["python", "-m", "pipeline.train", "--config"]
+    config_path = REPO / argv[4]
+    assert config_path.is_file()
+    cfg = load_config(config_path, argv[5:])  # every override names a real key with a valid value
+    assert cfg.data.root.startswith(SHARED + "/") and cfg.run.root.startswith(SHARED + "/")
+    assert cfg.mlflow.tracking_uri == ""  # so the driver takes MLFLOW_TRACKING_URI from the secret
+    (gpu_group,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+    (worker,) = gpu_group["template"]["spec"]["containers"]
+    limits = worker["resources"]["limits"]
+    assert cfg.ray.use_gpu is True and cfg.ray.gpus_per_worker <= int(limits["nvidia.com/gpu"])
+    assert cfg.ray.cpus_per_worker < int(limits["cpu"])  # leaves room for Ray's own processes
+    assert cfg.ray.num_workers <= gpu_group["maxReplicas"]
+
+
+def test_mlflow_server_uses_postgres_and_s3_by_reference():
+    deployment = DOCS[("Deployment", "mlflow")]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == IMAGE
+    assert container["command"][:2] == ["mlflow", "server"]
+    assert "--serve-artifacts" in container["command"]
+    assert any(a.startswith("--allowed-hosts=") for a in container["command"])
+    env = env_of(container)
+    assert secret_ref(env, "MLFLOW_BACKEND_STORE_URI")["key"] == "backend-store-uri"
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"]["value"].startswith("s3://")
+    secret_ref(env, "AWS_ACCESS_KEY_ID")
+    secret_ref(env, "AWS_SECRET_ACCESS_KEY")
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    service = DOCS[("Service", "mlflow")]
+    assert service["spec"]["ports"][0]["port"] == 5000
+    (postgres,) = DOCS[("StatefulSet", "postgres")]["spec"]["template"]["spec"]["containers"]
+    secret_ref(env_of(postgres), "POSTGRES_PASSWORD")
+
+
+def test_cluster_launcher_config():
+    config = yaml.safe_load(LAUNCHER.read_text())
+    assert config["provider"]["type"] == "aws"
+    assert config["docker"]["image"].endswith("/" + IMAGE)
+    options = config["docker"]["run_options"]
+    assert f"-v {SHARED}:{SHARED}" in options
+    env_file = next(o.split()[1] for o in options if o.startswith("--env-file"))
+    assert env_file in config["file_mounts"]
+    assert config["file_mounts"][env_file].startswith("~/")  # from the operator's machine, not the repo
+    mounts = [c for c in config["initialization_commands"] if "mount -t nfs4" in c]
+    assert mounts and mounts[0].rstrip().endswith(" " + SHARED)
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}
+    assert any("--num-cpus=0" in c for c in config["head_start_ray_commands"])
+
+
+# Literal credentials: user:password@ in URIs (placeholders <...>, shell $... and *** excepted), AWS
+# access keys, private keys, and password/secret/token keys with a literal value.
+SECRET_PATTERNS = [
+    re.compile(r"://[^/\s:@'\"]+:(?![<$*])[^@\s/'\"]+@"),
+    re.compile(r"AKIA[0-9A-Z]{16}"),
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    re.compile(r"(?i)\b(password|passwd|secret|token)\s*[:=]\s*['\"]?[A-Za-z0-9+/]{8,}"),
+]
+
+
+def test_no_literal_secrets_in_infra_or_the_image():
+    files = [p for p in INFRA.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    files += [REPO / "Dockerfile", REPO / ".dockerignore"]
+    assert len(files) >= 10
+    for path in files:
+        text = path.read_text()
+        for pattern in SECRET_PATTERNS:
+            match = pattern.search(text)
+            assert match is None, f"{path.relative_to(REPO)}: looks like a literal secret: {match.group(0)!r}"
+    for (kind, name), doc in DOCS.items():
+        for container in _containers(doc):
+            for env in container.get("env", []):
+                if (
+                    re.search(r"PASSWORD|SECRET|TOKEN|_URI$", env["name"])
+                    and env["name"] != "MLFLOW_ARTIFACTS_DESTINATION"
+                ):
+                    assert "valueFrom" in env, (kind, name, env["name"])
+
+
+def _containers(node) -> list[dict]:
+    if isinstance(node, dict):
+        found = list(node.get("containers", []))
+        for value in node.values():
+            found += _containers(value)
+        return found
+    if isinstance(node, list):
+        return [c for item in node for c in _containers(item)]
+    return []
+
+
+def test_dockerfile_installs_the_project_as_pyproject_pins_it():
+    text = (REPO / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert re.fullmatch(r"FROM python:3\.11[\w.-]*", lines[0])
+    runs = [line.removeprefix("RUN ").strip() for line in lines if line.startswith("RUN ")]
+    torch_line = next(r for r in runs if "torch==" in r)
+    assert torch_line == f"pip install torch=={pinned('torch')} torchvision=={pinned('torchvision')}"
+    assert "pip install -e ." in runs
+    # Every package setuptools installs is copied in before `pip install -e .`.
+    copied = {m.group(1) for m in re.finditer(r"^COPY (\w+) \./\1$", text, re.M)}
+    for include in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]:
+        assert include.rstrip("*") in copied
+    assert any(line.startswith("USER ") and line != "USER root" for line in lines)
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "data", "runs"} <= ignored
+
+
+SCRIPTS = sorted((INFRA / "local").glob("*.sh"))
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s.name != "common.sh"], ids=lambda p: p.name)
+def test_local_scripts_parse_and_explain_their_usage(script, tmp_path):
+    assert os.access(script, os.X_OK)
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    env = {"PATH": os.environ["PATH"], "INFRA_STATE_DIR": str(tmp_path)}
+    usage = subprocess.run(["bash", str(script), "no-such-command"], env=env, capture_output=True, text=True)
+    if "binaries not found" in usage.stderr:
+        pytest.skip("PostgreSQL server binaries are not installed")
+    assert usage.returncode == 2
+    assert "start" in usage.stderr and "stop" in usage.stderr and "status" in usage.stderr
+
+
+def test_mlflow_server_binds_loopback_unless_told_otherwise(tmp_path):
+    script = INFRA / "local" / "mlflow_server.sh"
+    env = {"PATH": os.environ["PATH"], "INFRA_STATE_DIR": str(tmp_path)}
+    default = subprocess.run(["bash", str(script), "uri"], env=env, capture_output=True, text=True)
+    assert default.stdout.strip() == "http://127.0.0.1:5000"
+    text = script.read_text()
+    assert 'HOST="${MLFLOW_HOST:-127.0.0.1}"' in text and '--host "$HOST"' in text
