@@ -156,6 +156,7 @@ ensure_worker() {
 }
 
 cmd_start() {
+    echo "$WORKERS" >"$RAY_STATE/workers"
     start_head
     # One node at a time: starting them together makes each slower on a small machine.
     for ((i = 1; i <= WORKERS; i++)); do ensure_worker "$i"; done
@@ -177,7 +178,7 @@ cmd_stop() {
         stopped=1
     fi
     # Ray's session dirs (logs of every Ray process) go with the cluster; our own logs stay.
-    rm -rf "$TEMP_ROOT"
+    rm -rf "$TEMP_ROOT" "$RAY_STATE/workers"
     ((stopped)) || info "not running"
 }
 
@@ -190,15 +191,15 @@ cmd_status() {
         info "head: stopped"
         healthy=0
     fi
-    for file in "$RAY_STATE"/worker-*.pid; do
-        [[ -e "$file" ]] || continue
-        local name
-        name="$(basename "$file" .pid)"
-        if pid="$(live_pid "$file")"; then
-            info "$name: running (pid $pid)"
+    # The nodes the last start was asked for: one missing is a degraded cluster, not a smaller one.
+    local expected=0
+    [[ -f "$RAY_STATE/workers" ]] && expected="$(<"$RAY_STATE/workers")"
+    for ((i = 1; i <= expected; i++)); do
+        if pid="$(live_pid "$(worker_pidfile "$i")")"; then
+            info "worker-$i: running (pid $pid)"
             running=1
         else
-            info "$name: stopped"
+            info "worker-$i: stopped"
             healthy=0
         fi
     done
@@ -225,7 +226,6 @@ cmd_kill_worker() {
     [[ "$i" =~ ^[0-9]+$ ]] || die "usage: $0 kill-worker I"
     pid="$(live_pid "$(worker_pidfile "$i")")" || die "worker node $i is not running"
     kill -KILL -- "-$pid"
-    rm -f "$(worker_pidfile "$i")"
     for _ in {1..50}; do alive "$pid" || break; sleep 0.1; done
     info "killed worker node $i (process group $pid)"
 }
