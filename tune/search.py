@@ -1,0 +1,483 @@
+"""``python -m tune.search --config configs/tune/<name>.yaml [section.key=value ...]``
+
+Searches EIW-Flow's shuffle regularization strength, depth and friends with Ray Tune: each trial is a
+Ray Train run of the pipeline (tune/trial.py), ASHA stops poor trials early on test bits/dim, Optuna's
+TPE (or a grid, for small ablations) proposes the values. Concurrent trials are bounded by what the
+cluster holds: its GPUs (or CPUs) divided by one trial's workers.
+
+MLflow: one parent run per search; every trial's run is nested under it. At the end the parent gets
+the results table (``trials.csv``) and plots, and the best completed trial's model is registered under
+``mlflow.registered_model_name`` with the alias ``mlflow.alias`` (plus the pipeline's newest/champion
+aliases).
+
+Resuming: re-running the same command (same ``run.name`` and ``run.storage_path``) restores the search
+with ``Tuner.restore``: finished trials are not re-run, interrupted ones continue from their latest
+Ray Train checkpoint and MLflow run, the same parent run is reused, and ASHA's rungs are rebuilt
+(tune/asha.py). Ctrl-C (SIGINT) stops a search cleanly, saving its state for that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import TrainConfig, config_from_dict, config_to_dict, parse_override, resolve
+from tune.report import (
+    PLOTTED_FIELDS,
+    TrialRow,
+    make_row,
+    plot_learning_curves,
+    plot_vs_depth,
+    plot_vs_sigma,
+    ranked,
+    write_table,
+)
+from tune.spec import SearchSpec, asha_bounds, load_spec, set_dotted, spec_from_dict
+
+log = logging.getLogger("tune.search")
+
+TRIAL_DRIVER_CPUS = 1.0  # Tune's default for a function trainable: the trial's driver process
+SEARCH_TAG = "tune.search"
+PATH_TAG = "tune.experiment_path"
+SPEC_TAG = "tune.spec_sha256"
+VERSION_TAG = "tune.model_version"
+NUM_CURVES = 3
+
+
+@dataclass(kw_only=True)
+class SearchOutcome:
+    experiment_path: Path
+    parent_run_id: str
+    rows: list[TrialRow]
+    best: TrialRow | None
+    model_name: str
+    model_version: str | None
+    resumed: bool
+    interrupted: bool
+
+
+# ------------------------------------------------------------------------------ Tune pieces
+def param_space(spec: SearchSpec) -> dict[str, Any]:
+    from ray import tune
+
+    make = {
+        "loguniform": lambda v: tune.loguniform(*v),
+        "uniform": lambda v: tune.uniform(*v),
+        "randint": lambda v: tune.randint(*v),
+        "choice": lambda v: tune.choice(list(v)),
+        "grid": lambda v: tune.grid_search(list(v)),
+    }
+    return {dim.key: make[dim.kind](dim.values) for dim in spec.space}
+
+
+def expected_trials(spec: SearchSpec) -> int:
+    if spec.search.algorithm == "grid":
+        return spec.search.num_samples * math.prod(len(dim.values) for dim in spec.space)
+    return spec.search.num_samples
+
+
+def trial_capacity(cfg: TrainConfig, resources: dict[str, float]) -> int:
+    """How many trials the cluster holds at once: its GPUs (or CPUs) over one trial's needs."""
+    workers = cfg.ray.num_workers
+    use_gpu = cfg.ray.use_gpu if isinstance(cfg.ray.use_gpu, bool) else resources.get("GPU", 0) >= 1
+    capacity = math.inf
+    cpus = workers * cfg.ray.cpus_per_worker + TRIAL_DRIVER_CPUS
+    capacity = min(capacity, math.floor(resources.get("CPU", 0) / cpus))
+    if use_gpu and cfg.ray.gpus_per_worker > 0:
+        capacity = min(capacity, math.floor(resources.get("GPU", 0) / (workers * cfg.ray.gpus_per_worker)))
+    return int(capacity)
+
+
+def concurrency(spec: SearchSpec, cfg: TrainConfig, resources: dict[str, float]) -> int:
+    capacity = trial_capacity(cfg, resources)
+    wanted = spec.search.max_concurrent_trials
+    if capacity < 1:
+        log.warning(
+            "the cluster (%s) cannot hold one trial (%d workers) now; starting 1 and waiting for resources",
+            {k: resources.get(k, 0) for k in ("CPU", "GPU")},
+            cfg.ray.num_workers,
+        )
+        capacity = 1
+    if wanted == "auto":
+        return min(capacity, expected_trials(spec))
+    if wanted > capacity:
+        log.warning(
+            "search.max_concurrent_trials=%d but the cluster holds %d trials now; extra trials wait",
+            wanted,
+            capacity,
+        )
+    return int(wanted)
+
+
+def trial_dirname(trial: Any) -> str:
+    """Tune's trial directory and name: the trial id, no timestamp."""
+    return f"trial_id={trial.trial_id}"
+
+
+def make_tuner(spec: SearchSpec, cfg: TrainConfig, trainable: Any, *, max_concurrent: int) -> Any:
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tune.asha import TIME_ATTR, ResumableASHA
+
+    scheduler = None
+    if spec.scheduler.type == "asha":
+        grace, max_t = asha_bounds(cfg, spec.scheduler)
+        scheduler = ResumableASHA(
+            time_attr=TIME_ATTR,
+            grace_period=grace,
+            max_t=max_t,
+            reduction_factor=spec.scheduler.reduction_factor,
+            # A trial's last report is past every rung: it is never stopped there (it must log its model).
+            stop_last_trials=False,
+        )
+    search_alg = None
+    if spec.search.algorithm == "optuna":
+        search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=spec.search.seed))
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(
+            metric=spec.search.metric,
+            mode=spec.search.mode,
+            scheduler=scheduler,
+            search_alg=search_alg,
+            num_samples=spec.search.num_samples,
+            max_concurrent_trials=max_concurrent,
+            trial_name_creator=trial_dirname,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.run.name,
+            storage_path=str(Path(spec.run.storage_path).resolve()),
+            failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------------- MLflow
+def spec_digest(spec: SearchSpec) -> str:
+    """What must not change between a search and its resumption (the space, search and scheduler)."""
+    text = json.dumps(
+        {
+            "base_config": spec.base_config,
+            "overrides": spec.overrides,
+            "space": [dim.describe() + dim.key for dim in spec.space],
+            "search": vars(spec.search),
+            "scheduler": vars(spec.scheduler),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def parent_run(client: MlflowClient, experiment_id: str, spec: SearchSpec, path: Path, resuming: bool) -> str:
+    """The search's parent run: the one recorded for this experiment path when resuming, else a new one."""
+    if resuming:
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{PATH_TAG}` = '{path}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if found:
+            run = found[0]
+            if run.data.tags.get(SPEC_TAG) != spec_digest(spec):
+                raise ValueError(
+                    f"run.name: the search at {path} was started with a different space/search/scheduler; "
+                    "restore that file or pick a new run.name"
+                )
+            client.update_run(run.info.run_id, status="RUNNING")
+            log.info("continuing parent MLflow run %s", run.info.run_id)
+            return run.info.run_id
+    run = client.create_run(
+        experiment_id,
+        run_name=spec.run.name,
+        tags={SEARCH_TAG: spec.run.name, PATH_TAG: str(path), SPEC_TAG: spec_digest(spec)},
+    )
+    run_id = run.info.run_id
+    params = {
+        "base_config": spec.base_config,
+        **{f"overrides.{k}": v for k, v in spec.overrides.items()},
+        **{f"space.{dim.key}": dim.describe() for dim in spec.space},
+        **{f"search.{k}": v for k, v in vars(spec.search).items()},
+        **{f"scheduler.{k}": v for k, v in vars(spec.scheduler).items()},
+    }
+    for key, value in params.items():
+        client.log_param(run_id, key, str(value)[:6000])
+    log.info("started parent MLflow run %s (%s)", run_id, spec.run.name)
+    return run_id
+
+
+def register_best(
+    client: MlflowClient,
+    spec: SearchSpec,
+    cfg: TrainConfig,
+    experiment_id: str,
+    best: TrialRow,
+    parent_id: str,
+) -> str:
+    """Register the best trial's logged model; set the search's alias on it. Returns the version."""
+    from pipeline.registry import register
+
+    models = client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{best.mlflow_run_id}'"
+    )
+    if not models:
+        raise RuntimeError(f"trial {best.trial_id}: its MLflow run {best.mlflow_run_id} has no logged model")
+    name = spec.mlflow.registered_model_name or cfg.mlflow.registered_model
+    mlflow_cfg = replace(cfg.mlflow, registered_model=name, register=True, parent_run_id="")
+    version = register(
+        models[0].model_uri, cfg=mlflow_cfg, test_bpd=best.test_bits_per_dim, run_id=best.mlflow_run_id
+    )
+    client.set_registered_model_alias(name, spec.mlflow.alias, version.version)
+    for key, value in (
+        (SEARCH_TAG, spec.run.name),
+        ("tune.trial_id", best.trial_id),
+        ("tune.parent_run_id", parent_id),
+    ):
+        client.set_model_version_tag(name, version.version, key, value)
+    log.info("registered %s v%s as @%s (trial %s)", name, version.version, spec.mlflow.alias, best.trial_id)
+    return str(version.version)
+
+
+def close_stopped_runs(client: MlflowClient, rows: list[TrialRow]) -> None:
+    """ASHA ends a trial by killing its actors, so its MLflow run is left RUNNING: mark it KILLED."""
+    for row in rows:
+        if row.status != "stopped_early" or not row.mlflow_run_id:
+            continue
+        run = client.get_run(row.mlflow_run_id)
+        client.set_tag(row.mlflow_run_id, "tune.stopped_early_at_step", str(row.step))
+        if run.info.status == "RUNNING":
+            client.set_terminated(row.mlflow_run_id, status="KILLED")
+
+
+def log_results(
+    client: MlflowClient, parent_id: str, rows: list[TrialRow], best_first: list[TrialRow]
+) -> None:
+    curves = {}
+    for row in best_first[:NUM_CURVES]:
+        history = client.get_metric_history(row.mlflow_run_id, "test/bits_per_dim")
+        label = f"{row.trial_id} ({row.test_bits_per_dim:.3f})"
+        curves[label] = sorted((m.step, m.value) for m in history)
+    with tempfile.TemporaryDirectory(prefix="tune-report-") as tmp:
+        out = Path(tmp)
+        for path in (
+            write_table(rows, out / "trials.csv"),
+            plot_vs_sigma(rows, out / "bpd_vs_sigma.png"),
+            plot_vs_depth(rows, out / "bpd_vs_depth.png"),
+            plot_learning_curves(curves, out / "learning_curves.png"),
+        ):
+            client.log_artifact(parent_id, str(path))
+
+
+# ------------------------------------------------------------------------------------ driver
+def base_config(spec: SearchSpec) -> TrainConfig:
+    """The resolved base config (absolute paths, a concrete tracking URI) shared by every trial."""
+    data = spec.base_dict()
+    if spec.mlflow.tracking_uri:
+        data["mlflow"]["tracking_uri"] = spec.mlflow.tracking_uri
+    if spec.mlflow.experiment:
+        data["mlflow"]["experiment"] = spec.mlflow.experiment
+    return resolve(config_from_dict(data))
+
+
+def trial_base(cfg: TrainConfig, path: Path, parent_id: str) -> dict[str, Any]:
+    data = config_to_dict(cfg)
+    for key, value in {
+        "run.root": str(path),
+        "run.progress_bar": False,
+        "mlflow.parent_run_id": parent_id,
+        "mlflow.log_model": True,  # the best one is registered by the search, not by each trial
+        "mlflow.register": False,
+    }.items():
+        set_dotted(data, key, value)
+    return data
+
+
+def collect_rows(spec: SearchSpec, cfg: TrainConfig, path: Path) -> list[TrialRow]:
+    from ray.tune import ExperimentAnalysis
+
+    from tune.asha import reported_results
+
+    keys = list(dict.fromkeys([*(dim.key for dim in spec.space), *PLOTTED_FIELDS]))
+    base = config_to_dict(cfg)
+    analysis = ExperimentAnalysis(str(path))
+    return [
+        make_row(
+            trial_id=trial.trial_id,
+            tune_status=trial.status,
+            results=reported_results(trial),
+            config=trial.config,
+            base=base,
+            keys=keys,
+            metric=spec.search.metric,
+            total_steps=cfg.total_steps,
+        )
+        for trial in analysis.trials
+    ]
+
+
+def run_search(spec: SearchSpec) -> SearchOutcome:
+    """Start, or resume, the search ``spec`` and record it in MLflow (see the module docstring)."""
+    import ray
+    from ray import tune
+
+    from pipeline.data import ensure_data
+    from pipeline.ray_adapter import ray_session
+    from pipeline.tracking import artifact_location_for, get_or_create_experiment
+    from tune.trial import run_trial
+
+    cfg = base_config(spec)
+    path = Path(spec.run.storage_path).resolve() / spec.run.name
+    ensure_data(cfg.data, cfg.model.image_shape)  # once, here: trials only check it
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    experiment_id = get_or_create_experiment(
+        client, cfg.mlflow.experiment, artifact_location_for(cfg.mlflow.tracking_uri, cfg.run.root)
+    )
+    with ray_session(cfg):
+        resuming = tune.Tuner.can_restore(str(path))
+        parent_id = parent_run(client, experiment_id, spec, path, resuming)
+        trainable = tune.with_parameters(run_trial, base=trial_base(cfg, path, parent_id))
+        if resuming:
+            log.info("resuming the search at %s", path)
+            tuner = tune.Tuner.restore(str(path), trainable=trainable)
+        else:
+            max_concurrent = concurrency(spec, cfg, ray.cluster_resources())
+            log.info("search %s: up to %d trials at a time, state in %s", spec.run.name, max_concurrent, path)
+            tuner = make_tuner(spec, cfg, trainable, max_concurrent=max_concurrent)
+        tuner.fit()
+
+    rows = collect_rows(spec, cfg, path)
+    finished = sum(r.status in ("completed", "stopped_early", "error") for r in rows)
+    interrupted = finished < expected_trials(spec)
+    close_stopped_runs(client, rows)
+    best_first = ranked(rows, mode=spec.search.mode)
+    best = best_first[0] if best_first else None
+    log_results(client, parent_id, rows, best_first)
+    version = client.get_run(parent_id).data.tags.get(VERSION_TAG)
+    if not interrupted and best is not None and version is None:
+        version = register_best(client, spec, cfg, experiment_id, best, parent_id)
+        client.set_tag(parent_id, VERSION_TAG, version)
+    if best is not None:
+        client.log_metric(parent_id, f"best_{spec.search.metric}", best.test_bits_per_dim)
+        client.set_tag(parent_id, "tune.best_trial_id", best.trial_id)
+        client.set_tag(parent_id, "tune.best_mlflow_run_id", best.mlflow_run_id)
+    client.set_terminated(parent_id, status="KILLED" if interrupted else "FINISHED")
+    return SearchOutcome(
+        experiment_path=path,
+        parent_run_id=parent_id,
+        rows=rows,
+        best=best,
+        model_name=spec.mlflow.registered_model_name or cfg.mlflow.registered_model,
+        model_version=version,
+        resumed=resuming,
+        interrupted=interrupted,
+    )
+
+
+# --------------------------------------------------------------------------------------- CLI
+EPILOG = """\
+overrides: any field of the search file as section.key=value (YAML values); in overrides and space
+the key after the section is the dotted config field, e.g.
+  run.name=try2 search.num_samples=32 scheduler.reduction_factor=2 overrides.run.epochs=10
+  'space.model.num_steps={choice: [4, 8]}'
+examples:
+  python -m tune.search --config configs/tune/sample.yaml
+  python -m tune.search --config configs/tune/tiny.yaml run.storage_path=/tmp/tune
+  ray job submit --address http://HEAD:8265 --working-dir . -- python -m tune.search \\
+      --config configs/tune/imagenet64.yaml
+"""
+
+
+def apply_cli_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        section = parts[0]
+        if len(parts) < 2:
+            raise ValueError(f"bad override {text!r}: expected section.key=value")
+        if section in ("overrides", "space"):
+            node = data.setdefault(section, {}) or {}
+            data[section] = node
+            node[".".join(parts[1:])] = value
+        else:
+            set_dotted(data, ".".join(parts), value)
+    return data
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tune.search",
+        description="Ray Tune search over EIW-Flow's shuffle regularization strength, depth and friends.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="PATH", required=True, help="search YAML (configs/tune/)")
+    parser.add_argument("--check", action="store_true", help="validate the search file and exit")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="search file overrides")
+    return parser.parse_args(argv)
+
+
+def load(path: str, overrides: list[str]) -> SearchSpec:
+    if not overrides:
+        return load_spec(path)
+    from pipeline.config import _yaml_load
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--config: no such file {str(p)!r}")
+    data = _yaml_load(p.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected a mapping of sections")
+    return spec_from_dict(apply_cli_overrides(data, overrides), source=str(p))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        spec = load(args.config, list(args.overrides))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        for dim in spec.space:
+            print(f"{dim.key}: {dim.describe()}")
+        print(f"ok: {expected_trials(spec)} trials ({spec.search.algorithm}), state in "
+              f"{Path(spec.run.storage_path) / spec.run.name}")  # fmt: skip
+        return 0
+    try:
+        outcome = run_search(spec)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    counts = {s: sum(r.status == s for r in outcome.rows) for s in ("completed", "stopped_early", "error")}
+    print(f"trials: {len(outcome.rows)} ({', '.join(f'{n} {s}' for s, n in counts.items())})")
+    if outcome.best is not None:
+        print(f"best: trial {outcome.best.trial_id}, test bits/dim {outcome.best.test_bits_per_dim:.4f}, "
+              f"{outcome.best.values}")  # fmt: skip
+    print(f"MLflow parent run {outcome.parent_run_id}; state in {outcome.experiment_path}")
+    if outcome.interrupted:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return 130
+    if outcome.model_version:
+        print(f"registered {outcome.model_name} v{outcome.model_version} @{spec.mlflow.alias}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
