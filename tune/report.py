@@ -120,25 +120,23 @@ def write_table(rows: Sequence[TrialRow], path: Path) -> Path:
     return path
 
 
-def _scatter(ax: Any, rows: Sequence[TrialRow], x_of: Any, label: str | None, color: str | None) -> None:
-    for status, face in (("completed", None), ("stopped_early", "none")):
+def _scatter(ax: Any, rows: Sequence[TrialRow], x_of: Any, label: str | None, color: str) -> None:
+    """Completed trials filled, trials stopped early hollow (their value is from an earlier step)."""
+    for status, face in (("completed", color), ("stopped_early", "none")):
         chosen = [r for r in rows if r.status == status and math.isfinite(r.test_bits_per_dim)]
-        if not chosen:
-            continue
-        pts = ax.scatter(
-            [x_of(r) for r in chosen],
-            [r.test_bits_per_dim for r in chosen],
-            label=f"{label}, {status}" if label else status,
-            facecolors=face,
-            edgecolors=color,
-            color=color,
-        )
-        color = color or pts.get_edgecolor()[0]
+        if chosen:
+            ax.scatter(
+                [x_of(r) for r in chosen],
+                [r.test_bits_per_dim for r in chosen],
+                label=f"{label}, {status}" if label else status,
+                facecolors=face,
+                edgecolors=color,
+            )
 
 
 def plot_vs_sigma(rows: Sequence[TrialRow], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
-    _scatter(ax, rows, lambda r: float(r.values["model.split.sigma"]), None, None)
+    _scatter(ax, rows, lambda r: float(r.values["model.split.sigma"]), None, "C0")
     ax.set_xscale("log")
     ax.set_xlabel("shuffle regularization strength sigma")
     ax.set_ylabel("test bits/dim (last report)")

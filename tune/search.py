@@ -25,6 +25,7 @@ import logging
 import math
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,9 @@ def trial_dirname(trial: Any) -> str:
     return f"trial_id={trial.trial_id}"
 
 
-def make_tuner(spec: SearchSpec, cfg: TrainConfig, trainable: Any, *, max_concurrent: int) -> Any:
+def make_tuner(
+    spec: SearchSpec, cfg: TrainConfig, trainable: Any, *, max_concurrent: int, callbacks: Sequence[Any] = ()
+) -> Any:
     import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
@@ -163,6 +166,7 @@ def make_tuner(spec: SearchSpec, cfg: TrainConfig, trainable: Any, *, max_concur
             name=spec.run.name,
             storage_path=str(Path(spec.run.storage_path).resolve()),
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+            callbacks=list(callbacks),
         ),
     )
 
@@ -331,8 +335,12 @@ def collect_rows(spec: SearchSpec, cfg: TrainConfig, path: Path) -> list[TrialRo
     ]
 
 
-def run_search(spec: SearchSpec) -> SearchOutcome:
-    """Start, or resume, the search ``spec`` and record it in MLflow (see the module docstring)."""
+def run_search(spec: SearchSpec, *, callbacks: Sequence[Any] = ()) -> SearchOutcome:
+    """Start, or resume, the search ``spec`` and record it in MLflow (see the module docstring).
+
+    ``callbacks``: ``ray.tune.Callback`` objects for a new search (Tune pickles them with the
+    experiment, so a resumed search keeps the ones it started with).
+    """
     import ray
     from ray import tune
 
@@ -359,7 +367,7 @@ def run_search(spec: SearchSpec) -> SearchOutcome:
         else:
             max_concurrent = concurrency(spec, cfg, ray.cluster_resources())
             log.info("search %s: up to %d trials at a time, state in %s", spec.run.name, max_concurrent, path)
-            tuner = make_tuner(spec, cfg, trainable, max_concurrent=max_concurrent)
+            tuner = make_tuner(spec, cfg, trainable, max_concurrent=max_concurrent, callbacks=callbacks)
         tuner.fit()
 
     rows = collect_rows(spec, cfg, path)
