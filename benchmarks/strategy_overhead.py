@@ -11,9 +11,14 @@ forward, loss = bits/dim + sigma * regularization(), backward, Adam step. Varian
 - lcma-frozen: LCMA after warm-up (a per-position gather before each split, nothing measured).
 
 Step times are medians over interleaved rounds in one process, so machine load hits all variants
-alike. Peak memory is measured in a fresh subprocess per variant: on CUDA torch.cuda.max_memory_allocated
-over the allocation after a warm-up step; on CPU the growth of the process's peak RSS (ru_maxrss) over
-its RSS after building the model and one warm-up step (coarse: the allocator's reuse decides it), so
+alike; the ratio column is the median over rounds of each variant's time over the static step of the
+same round. On CUDA the clock is wall time with synchronisation. On CPU it is the process's CPU time
+(time.process_time) with one intra-op thread by default: on a shared machine wall time mostly measures
+the other tenants (steps of the same model ranged 3 s to 33 s under load here), while the CPU time a
+step consumes is what the strategies change. Peak memory is measured in a fresh subprocess per
+variant: on CUDA torch.cuda.max_memory_allocated over the allocation after a warm-up step; on CPU the
+growth of the process's peak RSS (ru_maxrss) over its RSS after building the model and one warm-up
+step (coarse: the allocator's reuse decides it), so
 the exact bytes autograd saves for backward are reported as well.
 """
 
@@ -80,7 +85,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(args: argparse.Namespace) -> dict[str, float]:
+def time_steps(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
+    """Median step seconds per variant, and the median over rounds of time / static time."""
+    clock = time.perf_counter if args.device == "cuda" else time.process_time
     steps = {}
     for variant in VARIANTS:
         torch.manual_seed(0)
@@ -91,11 +98,15 @@ def time_steps(args: argparse.Namespace) -> dict[str, float]:
     for _ in range(args.rounds):
         for variant in VARIANTS:
             sync(args.device)
-            t0 = time.perf_counter()
+            t0 = clock()
             steps[variant]()
             sync(args.device)
-            times[variant].append(time.perf_counter() - t0)
-    return {v: statistics.median(t) for v, t in times.items()}
+            times[variant].append(clock() - t0)
+    ratios = {
+        v: statistics.median(t / ref for t, ref in zip(times[v], times["static"], strict=True))
+        for v in VARIANTS
+    }
+    return {v: statistics.median(t) for v, t in times.items()}, ratios
 
 
 def saved_activation_mib(model, x: torch.Tensor) -> float:
@@ -138,7 +149,7 @@ def peak_memory_child(args: argparse.Namespace) -> None:
 
 def peak_memory(args: argparse.Namespace, variant: str) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--child", variant, "--device", args.device]
-    for key in ("levels", "steps", "hidden", "batch", "size"):
+    for key in ("levels", "steps", "hidden", "batch", "size", "threads"):
         cmd += [f"--{key}", str(getattr(args, key))]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -154,8 +165,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads on CPU")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     if args.child:
         peak_memory_child(args)
         return
@@ -165,16 +179,17 @@ def main() -> None:
         f"L={args.levels} K={args.steps} hidden={args.hidden} batch={args.batch} "
         f"image=3x{args.size}x{args.size} rounds={args.rounds}"
     )
-    times = time_steps(args)
+    times, ratios = time_steps(args)
     memory = {v: peak_memory(args, v) for v in VARIANTS}
-    ref_t, ref_m = times["static"], memory["static"]
+    ref_m = memory["static"]
+    step_name = "step ms (wall)" if args.device == "cuda" else "step ms (CPU time)"
     peak_name = "peak alloc MiB" if args.device == "cuda" else "peak RSS+ MiB"
-    print(f"| split | step ms | x static | {peak_name} | x static | saved for backward MiB | x static |")
+    print(f"| split | {step_name} | x static | {peak_name} | x static | saved for backward MiB | x static |")
     print("|---|---|---|---|---|---|---|")
     for v in VARIANTS:
         m = memory[v]
         print(
-            f"| {v} | {times[v] * 1e3:.1f} | {times[v] / ref_t:.3f} | {m['peak_mib']:.1f} | "
+            f"| {v} | {times[v] * 1e3:.1f} | {ratios[v]:.3f} | {m['peak_mib']:.1f} | "
             f"{m['peak_mib'] / ref_m['peak_mib']:.3f} | {m['saved_mib']:.1f} | "
             f"{m['saved_mib'] / ref_m['saved_mib']:.3f} |"
         )
