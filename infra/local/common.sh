@@ -54,20 +54,50 @@ spawn() {
     echo "$!" >"$pidfile"
 }
 
-# Stop the service whose pid is in $1: SIGTERM (graceful), then SIGKILL its whole process group
-# after $2 seconds. Returns 0 when it was running.
-stop_pidfile() {
-    local file="$1" grace="${2:-20}" pid waited=0
-    pid="$(live_pid "$file")" || return 1
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    while alive "$pid" && ((waited < grace * 5)); do
+# Every descendant of pid $1, found through parent links. It includes processes that left the
+# service's process group, such as Ray job drivers, which Ray starts in sessions of their own.
+descendants() {
+    ps -eo pid=,ppid= | awk -v root="$1" '
+        { parent[$1] = $2 }
+        END {
+            for (p in parent) {
+                for (q = parent[p]; q > 1; q = parent[q]) if (q == root) { print p; break }
+            }
+        }'
+}
+
+# Stop the services whose pids are in files $2...: SIGTERM (graceful) to each process group and
+# its descendants, all at once, then SIGKILL whatever is left after $1 seconds. Prints the name of
+# each pid file whose service was running.
+stop_pidfiles() {
+    local grace="$1" file pid waited=0
+    shift
+    local -a pids=() trees=()
+    for file in "$@"; do
+        pid="$(live_pid "$file")" || continue
+        basename "$file" .pid
+        trees+=($(descendants "$pid"))
+        pids+=("$pid")
+        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    done
+    ((${#pids[@]})) || return 0
+    for p in "${trees[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    while ((waited < grace * 5)); do
+        local left=0
+        for pid in "${pids[@]}"; do alive "$pid" && left=1; done
+        ((left)) || break
         sleep 0.2
         waited=$((waited + 1))
     done
-    # Children that outlive the leader (or a leader that ignored SIGTERM) go with the group.
-    kill -KILL -- "-$pid" 2>/dev/null || true
-    rm -f "$file"
+    for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+    for p in "${trees[@]}"; do alive "$p" && kill -KILL "$p" 2>/dev/null || true; done
+    rm -f "$@"
     return 0
+}
+
+# One service: returns 0 when it was running.
+stop_pidfile() {
+    [[ -n "$(stop_pidfiles "${2:-20}" "$1")" ]]
 }
 
 # Poll "$@" until it succeeds; give up after $1 seconds or when pid $2 exits. usage: wait_healthy SECS PID CMD...

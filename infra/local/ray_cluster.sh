@@ -165,21 +165,13 @@ cmd_start() {
 }
 
 cmd_stop() {
-    local stopped=0
-    for file in "$RAY_STATE"/worker-*.pid; do
-        [[ -e "$file" ]] || continue
-        if stop_pidfile "$file" 20; then
-            info "stopped $(basename "$file" .pid)"
-            stopped=1
-        fi
-    done
-    if stop_pidfile "$(head_pidfile)" 30; then
-        info "stopped head"
-        stopped=1
-    fi
+    local stopped
+    # Every node at once: stopping them one by one only adds up their shutdown times.
+    stopped="$(stop_pidfiles 20 "$RAY_STATE"/worker-*.pid "$(head_pidfile)")"
+    for name in $stopped; do info "stopped $name"; done
     # Ray's session dirs (logs of every Ray process) go with the cluster; our own logs stay.
     rm -rf "$TEMP_ROOT" "$RAY_STATE/workers"
-    ((stopped)) || info "not running"
+    [[ -n "$stopped" ]] || info "not running"
 }
 
 cmd_status() {
