@@ -1,0 +1,56 @@
+"""pipeline.compare: the comparison file is validated up front and the table's statistics are right."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from pipeline.compare import load_comparison, markdown_table, summarize
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_comparison_builds_every_variant() -> None:
+    comparison = load_comparison(ROOT / "configs" / "compare.yaml")
+    assert "static" in comparison.variants
+    strategies = {v.get("model.split.strategy") for v in comparison.variants.values()}
+    assert strategies == {"static", "lcma", "eiw"}
+    assert {v.get("model.split.lcma_factor_out") for v in comparison.variants.values()} >= {"low", "high"}
+    assert {v.get("model.split.regularizer") for v in comparison.variants.values()} >= {"reference", "kl"}
+    assert len(comparison.seeds) >= 2
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("variants: {}\n", "variants"),
+        ("seeds: []\nvariants: {static: {}}\n", "seeds"),
+        ("colour: red\nvariants: {static: {}}\n", "unknown field 'colour'"),
+        ("variants: {bad: {model.split.strategy: magic}}\n", "variants.bad: .*strategy"),
+        ("variants: {bad: {model.num_stepz: 2}}\n", "variants.bad: .*num_stepz"),
+    ],
+)
+def test_bad_comparison_files_name_the_field(tmp_path: Path, text: str, match: str, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    path = tmp_path / "cmp.yaml"
+    path.write_text("base: configs/tiny.yaml\n" + text)
+    with pytest.raises(ValueError, match=match):
+        load_comparison(path)
+
+
+def test_summary_uses_paired_differences() -> None:
+    results = {
+        "static": {0: 5.0, 1: 6.0, 2: 7.0},
+        "eiw": {0: 4.9, 1: 5.9, 2: 6.9},
+    }
+    rows = {r["variant"]: r for r in summarize(results)}
+    assert rows["static"]["mean"] == pytest.approx(6.0)
+    assert rows["static"]["std"] == pytest.approx(1.0)
+    assert math.isnan(rows["static"]["diff_vs_static"])
+    # Seeds spread by 1.0 bit/dim, yet every paired difference is exactly -0.1.
+    assert rows["eiw"]["diff_vs_static"] == pytest.approx(-0.1)
+    assert rows["eiw"]["diff_std"] == pytest.approx(0.0, abs=1e-12)
+    table = markdown_table(list(rows.values()))
+    assert "| eiw | 3 | 5.9000 | 1.0000 | -0.1000 | 0.0000 |" in table
