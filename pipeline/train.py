@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--config", metavar="PATH", help="experiment YAML (default: built-in sample defaults)"
+        "--config", metavar="PATH", help="experiment YAML (default: pipeline/config.py defaults)"
     )
     parser.add_argument("--no-ray", action="store_true", help="run the plain loop in this process (no Ray)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
