@@ -2,8 +2,13 @@
 
 Resuming: the run id travels in the checkpoint; ``start(run_id=...)`` reopens that run. Metrics are
 buffered and written only after the checkpoint that covers their steps is durable (``flush``), so a
-crash loses at most the unflushed tail, which the resumed run then logs once: no step is ever
-logged twice and the logged curve is the one the checkpoint lineage actually followed.
+crash loses at most the unflushed tail, which the resumed run then logs once.
+
+One window remains: under Ray Train a node can die after a worker's ``ray.train.report`` returned
+(so rank 0 flushed) but before the controller registered that checkpoint; the restart then resumes
+from the checkpoint before and recomputes steps that MLflow already holds. So a reopened run first
+reads how far each metric was logged, and ``flush`` drops anything at or below that step: every step
+is logged exactly once, and in that rare case the few overlapping steps keep their first values.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class Tracker:
         self.run_id: str | None = None
         self._pending: list[Metric] = []
         self._client: MlflowClient | None = None
+        self._logged_through: dict[str, int] = {}  # metric key -> last step already in MLflow
 
     @property
     def client(self) -> MlflowClient:
@@ -75,6 +81,10 @@ class Tracker:
         if run_id is not None:
             run = mlflow.start_run(run_id=run_id)
             log.info("continuing MLflow run %s (%s)", run_id, run_name)
+            self._logged_through = {
+                key: max((m.step for m in self.client.get_metric_history(run_id, key)), default=-1)
+                for key in self.client.get_run(run_id).data.metrics
+            }
         else:
             experiment_id = get_or_create_experiment(
                 self.client, self.cfg.experiment, artifact_location_for(self.cfg.tracking_uri, self.run_root)
@@ -106,8 +116,14 @@ class Tracker:
     def flush(self) -> None:
         if not self.active or not self._pending:
             return
-        for i in range(0, len(self._pending), BATCH):
-            self.client.log_batch(self.run_id, metrics=self._pending[i : i + BATCH])
+        fresh = [m for m in self._pending if m.step > self._logged_through.get(m.key, -1)]
+        if len(fresh) < len(self._pending):
+            log.info(
+                "%d metric values at steps MLflow already holds were not logged again",
+                len(self._pending) - len(fresh),
+            )
+        for i in range(0, len(fresh), BATCH):
+            self.client.log_batch(self.run_id, metrics=fresh[i : i + BATCH])
         self._pending.clear()
 
     def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:
