@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", message="torch.lu is deprecated")
+
+from memory import saved_for_backward_mib, step_peak_mib  # noqa: E402
 
 from flows import FlowConfig, build_flow, initialize_actnorm  # noqa: E402
 
@@ -137,22 +138,6 @@ def time_steps(args: argparse.Namespace, names: list[str]) -> dict[str, float]:
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def saved_activation_mib(loss_fn, x: torch.Tensor) -> float:
-    """Bytes autograd keeps for backward (unique storages), the part of a step's memory that scales
-    with batch and image size. Exact and allocator-independent, unlike RSS on the CPU."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(x)
-    loss.backward()
-    return sum(storages.values()) / 2**20
-
-
 def peak_memory_child(args: argparse.Namespace) -> None:
     """Runs in a fresh process: prints the peak memory in MiB of a training step of one model."""
     torch.manual_seed(0)
@@ -160,22 +145,10 @@ def peak_memory_child(args: argparse.Namespace) -> None:
     model, loss_fn = make(args, args.child)
     step = step_fn(model, loss_fn, x)
     step()  # warm-up: optimizer state and allocator caches exist from here on
-    saved = saved_activation_mib(loss_fn, x)
+    saved = saved_for_backward_mib(lambda: loss_fn(x))
     model.zero_grad(set_to_none=True)
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        with open("/proc/self/statm") as f:
-            base = int(f.read().split()[1]) * resource.getpagesize()
-        for _ in range(2):
-            step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    print(json.dumps({"peak_mib": peak / 2**20, "saved_mib": saved}))
+    peak = step_peak_mib(step, args.device)
+    print(json.dumps({"peak_mib": peak, "saved_mib": saved}))
 
 
 def peak_memory(args: argparse.Namespace, name: str) -> dict[str, float]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memory import saved_for_backward_mib, step_peak_mib  # noqa: E402
 
 from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm  # noqa: E402
 from flows.strategies import advance  # noqa: E402
@@ -109,42 +110,15 @@ def time_steps(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, fl
     return {v: statistics.median(t) for v, t in times.items()}, ratios
 
 
-def saved_activation_mib(model, x: torch.Tensor) -> float:
-    """Bytes autograd keeps for backward (unique storages): exact and allocator-independent."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model.bits_per_dim(x).mean() + 1e-3 * model.regularization()
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(storages.values()) / 2**20
-
-
 def peak_memory_child(args: argparse.Namespace) -> None:
     """Runs in a fresh process: prints the peak memory in MiB of a training step of one variant."""
     torch.manual_seed(0)
     model, x, step = make(args, args.child)
     step()  # warm-up: optimizer state and allocator caches exist from here on
-    saved = saved_activation_mib(model, x)
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        with open("/proc/self/statm") as f:
-            base = int(f.read().split()[1]) * resource.getpagesize()
-        for _ in range(2):
-            step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    print(json.dumps({"peak_mib": peak / 2**20, "saved_mib": saved}))
+    saved = saved_for_backward_mib(lambda: model.bits_per_dim(x).mean() + 1e-3 * model.regularization())
+    model.zero_grad(set_to_none=True)
+    peak = step_peak_mib(step, args.device)
+    print(json.dumps({"peak_mib": peak, "saved_mib": saved}))
 
 
 def peak_memory(args: argparse.Namespace, variant: str) -> dict[str, float]:
