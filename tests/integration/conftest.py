@@ -26,7 +26,7 @@ MLFLOW = Path(sys.executable).with_name("mlflow")
 # Ray Train gives a worker group 60 s to start. Ray runs its worker processes at a lower priority
 # (nice), so on a busy 2-core machine importing torch in them alone can take longer than that; the
 # driver propagates this variable to the controller and the workers.
-os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
 START_TIMEOUT_S = 180
 
 

@@ -62,6 +62,10 @@ def search(tmp_path_factory, tiny_shards, mlflow_server, ray_local):
     started = time.monotonic()
     first = run_search(spec, callbacks=[InterruptAfterFirstCompletion(marker)])
     assert marker.exists(), "the search finished without any trial completing"
+    # A Ctrl-C'd search ends its process and the embedded Ray with it; restart Ray the same way, so the
+    # interrupted trial's controller and worker group cannot keep holding CPUs the resume needs.
+    ray_local.shutdown()
+    ray_local.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
     second = run_search(spec)
     print(f"tiny search: interrupted + resumed in {time.monotonic() - started:.0f}s")
     return SimpleNamespace(
