@@ -286,6 +286,18 @@ def _yaml_load(text: str) -> Any:
         raise ValueError(f"not valid YAML ({e})") from e
 
 
+def read_yaml_file(path: str | os.PathLike) -> Any:
+    """A config file's YAML (with ``3e-4`` read as a float); ValueError naming the file if it is
+    missing or not valid YAML. Shared by experiment, search and comparison files."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--config: no such file {str(p)!r}")
+    try:
+        return _yaml_load(p.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{p}: {e}") from e
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=c`` -> (["a", "b"], yaml-parsed c). ValueError on anything else."""
     key, sep, raw = text.partition("=")
@@ -345,12 +357,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"--config: no such file {str(p)!r}")
-        try:
-            loaded = _yaml_load(p.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise ValueError(f"{p}: {e}") from e
+        loaded = read_yaml_file(p)
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{p}: expected a mapping of sections, got {type(loaded).__name__}")
         data = loaded or {}

@@ -316,15 +316,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load(path: str, overrides: list[str]) -> SearchSpec:
     if not overrides:
         return load_spec(path)
-    from pipeline.config import _yaml_load
+    from pipeline.config import read_yaml_file
 
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--config: no such file {str(p)!r}")
-    data = _yaml_load(p.read_text(encoding="utf-8")) or {}
+    data = read_yaml_file(path) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{p}: expected a mapping of sections")
-    return spec_from_dict(apply_cli_overrides(data, overrides), source=str(p))
+        raise ValueError(f"{path}: expected a mapping of sections")
+    return spec_from_dict(apply_cli_overrides(data, overrides), source=str(path))
 
 
 def main(argv: list[str] | None = None) -> int:

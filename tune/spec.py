@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import TrainConfig, _yaml_load, config_from_dict, config_to_dict, load_config
+from pipeline.config import TrainConfig, config_from_dict, config_to_dict, load_config, read_yaml_file
 
 DOMAINS = ("loguniform", "uniform", "randint", "choice", "grid")
 ALGORITHMS = ("optuna", "grid")
@@ -366,11 +366,4 @@ def _check_mlflow(section: MlflowSection) -> None:
 
 
 def load_spec(path: str | os.PathLike) -> SearchSpec:
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--config: no such file {str(p)!r}")
-    try:
-        data = _yaml_load(p.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{p}: {e}") from e
-    return spec_from_dict(data or {}, source=str(p))
+    return spec_from_dict(read_yaml_file(path) or {}, source=str(path))
