@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -33,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", message="torch.lu is deprecated")
 
-from memory import saved_for_backward_mib, step_peak_mib  # noqa: E402
+from memory import run_child, saved_for_backward_mib, step_peak_mib  # noqa: E402
 
 from flows import FlowConfig, build_flow, initialize_actnorm  # noqa: E402
 
@@ -152,11 +151,10 @@ def peak_memory_child(args: argparse.Namespace) -> None:
 
 
 def peak_memory(args: argparse.Namespace, name: str) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", name, "--device", args.device]
+    argv = ["--child", name, "--device", args.device]
     for key in ("levels", "steps", "hidden", "batch", "size"):
-        cmd += [f"--{key}", str(getattr(args, key))]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+        argv += [f"--{key}", str(getattr(args, key))]
+    return run_child(__file__, argv)
 
 
 def main() -> None:

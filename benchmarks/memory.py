@@ -12,7 +12,10 @@ Run each model in a fresh process for the peak: RSS never shrinks back.
 
 from __future__ import annotations
 
+import json
 import resource
+import subprocess
+import sys
 from collections.abc import Callable
 
 import torch
@@ -47,3 +50,9 @@ def step_peak_mib(step: Callable[[], None], device: str) -> float:
     for _ in range(2):
         step()
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**20
+
+
+def run_child(script: str, argv: list[str]) -> dict[str, float]:
+    """Run ``script argv`` in a fresh Python process; its last stdout line is a JSON dict of results."""
+    out = subprocess.run([sys.executable, script, *argv], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])

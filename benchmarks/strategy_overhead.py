@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memory import saved_for_backward_mib, step_peak_mib  # noqa: E402
+from memory import run_child, saved_for_backward_mib, step_peak_mib  # noqa: E402
 
 from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm  # noqa: E402
 from flows.strategies import advance  # noqa: E402
@@ -122,11 +121,10 @@ def peak_memory_child(args: argparse.Namespace) -> None:
 
 
 def peak_memory(args: argparse.Namespace, variant: str) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", variant, "--device", args.device]
+    argv = ["--child", variant, "--device", args.device]
     for key in ("levels", "steps", "hidden", "batch", "size", "threads"):
-        cmd += [f"--{key}", str(getattr(args, key))]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+        argv += [f"--{key}", str(getattr(args, key))]
+    return run_child(__file__, argv)
 
 
 def main() -> None:
