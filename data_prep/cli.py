@@ -14,6 +14,7 @@ from pathlib import Path
 
 from data_prep.convert import RunOptions, convert_split
 from data_prep.images import DEFAULT_PNG_LEVEL
+from data_prep.sources import DEFAULT_SHARD_SIZE, source_table
 
 SPLITS = ("train", "test")
 
@@ -26,17 +27,10 @@ def _splits(text: str) -> tuple[str, ...]:
     return parts
 
 
-def _box(text: str) -> tuple[int, int, int, int]:
-    try:
-        box = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        box = ()
-    if len(box) != 4:
-        raise argparse.ArgumentTypeError(f"--crop-box wants left,top,right,bottom integers, got {text!r}")
-    return box  # type: ignore[return-value]
-
-
-def _common(p: argparse.ArgumentParser, *, shard_size: int = 10_000, needs_input: bool = True) -> None:
+def _common(
+    p: argparse.ArgumentParser, *, shard_size: int = DEFAULT_SHARD_SIZE, needs_input: bool = True
+) -> None:
+    """The options every converter shares."""
     if needs_input:
         p.add_argument("--input", type=Path, required=True, help="root of the official on-disk layout")
     p.add_argument(
@@ -70,83 +64,18 @@ def _common(p: argparse.ArgumentParser, *, shard_size: int = 10_000, needs_input
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One subcommand per entry of the source table, plus `verify`."""
+    table = source_table()
     parser = argparse.ArgumentParser(
         prog="python -m data_prep", description="Convert image datasets to WebDataset shards; verify shards."
     )
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{imagenet,lsun,cifar10,folder,sample,verify}"
+        dest="command", required=True, metavar="{" + ",".join([*table, "verify"]) + "}"
     )
-
-    p = sub.add_parser(
-        "imagenet",
-        help="downsampled ImageNet npz release (64x64, 32x32)",
-        description="Imagenet64_train_part{1,2}_npz/train_data_batch_*.npz and Imagenet64_val_npz/"
-        "val_data.npz (or the Imagenet32 equivalents); val becomes the test split; "
-        "labels stored 0-based.",
-    )
-    _common(p)
-    p.add_argument(
-        "--resolution",
-        type=int,
-        choices=(8, 16, 32, 64),
-        default=None,
-        help="which release when --input holds several (default: inferred)",
-    )
-
-    p = sub.add_parser(
-        "lsun",
-        help="LSUN category lmdbs",
-        description="{category}_train_lmdb -> train, {category}_val_lmdb -> test. Undecodable "
-        "values are skipped and listed in the manifest.",
-    )
-    _common(p)
-    p.add_argument(
-        "--categories",
-        default=None,
-        help="comma list, e.g. bedroom,church_outdoor (default: every *_train_lmdb); cls = index",
-    )
-    p.add_argument("--resolution", type=int, choices=(64, 128), default=64)
-    p.add_argument(
-        "--protocol",
-        choices=("center", "glow"),
-        default="center",
-        help="center: shorter side to R, central crop. glow: shorter side to 1.5R, store the "
-        "central 1.5R square (96 for 64) for random R crops at train time",
-    )
-
-    p = sub.add_parser(
-        "cifar10",
-        help="CIFAR-10 python batches",
-        description="cifar-10-batches-py/data_batch_1..5 -> train, test_batch -> test.",
-    )
-    _common(p)
-
-    p = sub.add_parser(
-        "folder",
-        help="any folder of images (e.g. CelebA img_align_celeba)",
-        description="Recursive; split by a hash of the relative path; no labels.",
-    )
-    _common(p)
-    p.add_argument("--crop-box", type=_box, default=None, help="left,top,right,bottom crop applied first")
-    p.add_argument(
-        "--size", type=int, default=None, help="shorter side to SIZE, then central SIZE x SIZE crop"
-    )
-    p.add_argument(
-        "--test-fraction", type=float, default=0.05, help="fraction of files in test (default 0.05)"
-    )
-
-    from data_prep.sources.sample import DEFAULT_COUNTS, DEFAULT_SHARD_SIZE
-
-    p = sub.add_parser(
-        "sample",
-        help="built-in crops of scikit-image's bundled photographs",
-        description="Real photographs shipped with scikit-image, cut into crops; train and "
-        "test come from disjoint photos. Needs no --input.",
-    )
-    _common(p, shard_size=DEFAULT_SHARD_SIZE, needs_input=False)
-    p.add_argument("--resolution", type=int, choices=(32, 64), default=32)
-    p.add_argument("--n-train", type=int, default=DEFAULT_COUNTS["train"])
-    p.add_argument("--n-test", type=int, default=DEFAULT_COUNTS["test"])
+    for source in table.values():
+        p = sub.add_parser(source.name, help=source.help, description=source.description)
+        _common(p, shard_size=source.shard_size, needs_input=source.needs_input)
+        source.add_options(p)
 
     p = sub.add_parser(
         "verify",
@@ -157,57 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     return parser
-
-
-def _sources(args: argparse.Namespace) -> list:
-    if args.command == "imagenet":
-        from data_prep.sources.imagenet import ImagenetOptions, imagenet_sources
-
-        return imagenet_sources(
-            ImagenetOptions(input=args.input, resolution=args.resolution, splits=args.splits)
-        )
-    if args.command == "lsun":
-        from data_prep.sources.lsun import LsunOptions, lsun_sources
-
-        cats = tuple(c.strip() for c in args.categories.split(",") if c.strip()) if args.categories else None
-        return lsun_sources(
-            LsunOptions(
-                input=args.input,
-                categories=cats,
-                resolution=args.resolution,
-                protocol=args.protocol,
-                splits=args.splits,
-            )
-        )
-    if args.command == "cifar10":
-        from data_prep.sources.cifar10 import Cifar10Options, cifar10_sources
-
-        return cifar10_sources(Cifar10Options(input=args.input, splits=args.splits))
-    if args.command == "folder":
-        from data_prep.sources.folder import FolderOptions, folder_sources
-
-        return folder_sources(
-            FolderOptions(
-                input=args.input,
-                crop_box=args.crop_box,
-                size=args.size,
-                test_fraction=args.test_fraction,
-                splits=args.splits,
-            )
-        )
-    if args.command == "sample":
-        from data_prep.sources.sample import SampleOptions, sample_sources
-
-        return sample_sources(
-            SampleOptions(
-                resolution=args.resolution,
-                n_train=args.n_train,
-                n_test=args.n_test,
-                seed=args.seed,
-                splits=args.splits,
-            )
-        )
-    raise AssertionError(args.command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -231,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
             png_level=args.png_level,
         )
-        for source in _sources(args):
+        for source in source_table()[args.command].build(args):
             m = convert_split(source, opts)
             print(
                 f"{args.output / source.split}: {m['total']} samples in {len(m['shards'])} shards"

@@ -17,6 +17,7 @@ import numpy as np
 
 from data_prep.convert import SplitSource
 from data_prep.images import encode_png
+from data_prep.sources import Source
 from data_prep.writer import Sample
 
 FOLDER = "cifar-10-batches-py"
@@ -118,3 +119,16 @@ def cifar10_sources(opts: Cifar10Options) -> list[Cifar10Split]:
         out.append(Cifar10Split(split=split, files=tuple(files)))
     load_batch.cache_clear()  # the workers reload; keep the parent small
     return out
+
+
+def _build(args) -> list[Cifar10Split]:
+    return cifar10_sources(Cifar10Options(input=args.input, splits=args.splits))
+
+
+SOURCE = Source(
+    name="cifar10",
+    help="CIFAR-10 python batches",
+    description="cifar-10-batches-py/data_batch_1..5 -> train, test_batch -> test.",
+    add_options=lambda parser: None,  # nothing beyond the shared options
+    build=_build,
+)

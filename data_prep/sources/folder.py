@@ -11,6 +11,7 @@ there is a mistake to fix, not noise to drop).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import re
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from data_prep.convert import SplitSource
 from data_prep.images import encode_png, open_file, shorter_side_center_crop, to_array, to_rgb
+from data_prep.sources import Source
 from data_prep.writer import Sample
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -166,3 +168,47 @@ def folder_sources(opts: FolderOptions) -> list[FolderSplit]:
             )
         )
     return out
+
+
+def crop_box_argument(text: str) -> tuple[int, int, int, int]:
+    """argparse type of --crop-box: four comma-separated integers."""
+    try:
+        box = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise argparse.ArgumentTypeError(f"--crop-box wants left,top,right,bottom integers, got {text!r}")
+    return box  # type: ignore[return-value]
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--crop-box", type=crop_box_argument, default=None, help="left,top,right,bottom crop applied first"
+    )
+    parser.add_argument(
+        "--size", type=int, default=None, help="shorter side to SIZE, then central SIZE x SIZE crop"
+    )
+    parser.add_argument(
+        "--test-fraction", type=float, default=0.05, help="fraction of files in test (default 0.05)"
+    )
+
+
+def _build(args: argparse.Namespace) -> list[FolderSplit]:
+    return folder_sources(
+        FolderOptions(
+            input=args.input,
+            crop_box=args.crop_box,
+            size=args.size,
+            test_fraction=args.test_fraction,
+            splits=args.splits,
+        )
+    )
+
+
+SOURCE = Source(
+    name="folder",
+    help="any folder of images (e.g. CelebA img_align_celeba)",
+    description="Recursive; split by a hash of the relative path; no labels.",
+    add_options=_add_options,
+    build=_build,
+)

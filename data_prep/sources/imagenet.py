@@ -23,6 +23,7 @@ import numpy as np
 
 from data_prep.convert import SplitSource
 from data_prep.images import encode_png
+from data_prep.sources import Source
 from data_prep.writer import Sample
 
 KNOWN_RESOLUTIONS = (8, 16, 32, 64)
@@ -238,3 +239,28 @@ def imagenet_sources(opts: ImagenetOptions) -> list[ImagenetSplit]:
         r = r or res
         out.append(ImagenetSplit(split=split, files=tuple(files), resolution=res))
     return out
+
+
+def _add_options(parser) -> None:
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        choices=KNOWN_RESOLUTIONS,
+        default=None,
+        help="which release when --input holds several (default: inferred)",
+    )
+
+
+def _build(args) -> list[ImagenetSplit]:
+    return imagenet_sources(ImagenetOptions(input=args.input, resolution=args.resolution, splits=args.splits))
+
+
+SOURCE = Source(
+    name="imagenet",
+    help="downsampled ImageNet npz release (64x64, 32x32)",
+    description="Imagenet64_train_part{1,2}_npz/train_data_batch_*.npz and Imagenet64_val_npz/"
+    "val_data.npz (or the Imagenet32 equivalents); val becomes the test split; "
+    "labels stored 0-based.",
+    add_options=_add_options,
+    build=_build,
+)

@@ -32,6 +32,7 @@ from data_prep.images import (
     to_array,
     to_rgb,
 )
+from data_prep.sources import Source
 from data_prep.writer import Sample, Skipped
 
 PROTOCOLS = ("center", "glow")
@@ -212,3 +213,44 @@ def lsun_sources(opts: LsunOptions) -> list[LsunSplit]:
         )
     close_envs()
     return out
+
+
+def _add_options(parser) -> None:
+    parser.add_argument(
+        "--categories",
+        default=None,
+        help="comma list, e.g. bedroom,church_outdoor (default: every *_train_lmdb); cls = index",
+    )
+    parser.add_argument("--resolution", type=int, choices=RESOLUTIONS, default=64)
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="center",
+        help="center: shorter side to R, central crop. glow: shorter side to 1.5R, store the "
+        "central 1.5R square (96 for 64) for random R crops at train time",
+    )
+
+
+def _build(args) -> list[LsunSplit]:
+    categories = None
+    if args.categories:
+        categories = tuple(c.strip() for c in args.categories.split(",") if c.strip())
+    return lsun_sources(
+        LsunOptions(
+            input=args.input,
+            categories=categories,
+            resolution=args.resolution,
+            protocol=args.protocol,
+            splits=args.splits,
+        )
+    )
+
+
+SOURCE = Source(
+    name="lsun",
+    help="LSUN category lmdbs",
+    description="{category}_train_lmdb -> train, {category}_val_lmdb -> test. Undecodable "
+    "values are skipped and listed in the manifest.",
+    add_options=_add_options,
+    build=_build,
+)

@@ -28,6 +28,7 @@ from PIL import Image
 from data_prep.convert import ConfigMismatch, RunOptions, SplitSource, convert_split
 from data_prep.images import DEFAULT_PNG_LEVEL, RESAMPLE, encode_png, open_file, to_array, to_rgb
 from data_prep.manifest import MANIFEST_NAME, PROGRESS_NAME, load_json
+from data_prep.sources import Source
 from data_prep.writer import Sample
 
 # Real photographs only (no synthetic test patterns, logos or silhouettes); one entry per scene.
@@ -231,6 +232,36 @@ def _holds_only_sample_builds(out: Path) -> bool:
             if source != "sample":
                 return False
     return True
+
+
+def _add_options(parser) -> None:
+    parser.add_argument("--resolution", type=int, choices=RESOLUTIONS, default=32)
+    parser.add_argument("--n-train", type=int, default=DEFAULT_COUNTS["train"])
+    parser.add_argument("--n-test", type=int, default=DEFAULT_COUNTS["test"])
+
+
+def _build(args) -> list[SampleSplit]:
+    return sample_sources(
+        SampleOptions(
+            resolution=args.resolution,
+            n_train=args.n_train,
+            n_test=args.n_test,
+            seed=args.seed,
+            splits=args.splits,
+        )
+    )
+
+
+SOURCE = Source(
+    name="sample",
+    help="built-in crops of scikit-image's bundled photographs",
+    description="Real photographs shipped with scikit-image, cut into crops; train and "
+    "test come from disjoint photos. Needs no --input.",
+    add_options=_add_options,
+    build=_build,
+    needs_input=False,
+    shard_size=DEFAULT_SHARD_SIZE,
+)
 
 
 @contextlib.contextmanager
