@@ -1,4 +1,4 @@
-"""The Glow-style multi-scale flow and its public API (see shared DESIGN.md).
+"""The Glow-style multi-scale flow and its public API (docs/model.md has the math).
 
 Architecture (Glow, Kingma & Dhariwal 2018, fig. 2): for each of L levels, squeeze, then K steps of
 [ActNorm, invertible 1x1 conv, coupling], then (except at the top) a split that factors half of the
@@ -25,6 +25,8 @@ from flows.split import LearnedTopPrior, Split
 from flows.squeeze import Squeeze
 from flows.strategies import build_split_strategy
 
+STRATEGY_SEED_OFFSET = 7919  # a prime: strategy seeds never collide with nearby init_seeds
+
 
 def flow_step(num_channels: int, cfg: FlowConfig, generator: torch.Generator) -> Compose:
     """One Glow step of flow: ActNorm -> 1x1 conv -> coupling."""
@@ -42,6 +44,14 @@ class FlowModel(nn.Module):
     def __init__(self, cfg: FlowConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # Every weight comes from init_seed, never from (or into) the global RNG; the split strategies
+        # draw from their own seeds, so at one init_seed static, eiw and lcma share every coupling,
+        # ActNorm and 1x1 weight (paired comparisons).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            self._build(cfg)
+
+    def _build(self, cfg: FlowConfig) -> None:
         generator = torch.Generator().manual_seed(cfg.init_seed)
         c, h, w = cfg.image_shape
         self.levels = nn.ModuleList()
@@ -53,7 +63,9 @@ class FlowModel(nn.Module):
                 Compose(Squeeze(), *[flow_step(c, cfg, generator) for _ in range(cfg.num_steps)])
             )
             if level < cfg.num_levels - 1:
-                strategy = build_split_strategy(cfg.split, num_channels=c, height=h, width=w)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(cfg.init_seed + STRATEGY_SEED_OFFSET * (level + 1))
+                    strategy = build_split_strategy(cfg.split, num_channels=c, height=h, width=w)
                 split = Split(c, strategy=strategy, prior=cfg.split_prior)
                 self.splits.append(split)
                 self.latent_shapes.append((c - split.num_keep, h, w))
@@ -96,6 +108,30 @@ class FlowModel(nn.Module):
             x = self.levels[level].inverse(x)
         return x
 
+    # ------------------------------------------------------------------ training schedule
+    def advance(self, step: int) -> None:
+        """Tell every split strategy how many optimizer steps are done; call once per step.
+
+        Call it before each training step's forward pass with ``step`` = the number of optimizer steps
+        completed so far (0 before the first), on every rank, and again after resuming from a
+        checkpoint (held permutations live in buffers and come back with the state_dict; this call
+        re-attaches LCMA's measurement to its level). It is cheap and idempotent for a given step.
+        Under DDP keep the default ``broadcast_buffers=True``: every rank then uses rank 0's buffers.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"advance: step must be an integer >= 0, got {step!r}")
+        for level, split in zip(self.levels, self.splits, strict=False):
+            split.strategy.bind(level)
+            split.strategy.advance(step)
+
+    def split_diagnostics(self) -> dict[str, float]:
+        """Each split strategy's diagnostics as ``{"split<i>/<name>": value}`` (empty for none)."""
+        return {
+            f"split{i}/{name}": value
+            for i, split in enumerate(self.splits)
+            for name, value in split.strategy.diagnostics().items()
+        }
+
     # ------------------------------------------------------------------ likelihood
     def _check_uint8(self, x_uint8: Tensor, what: str) -> None:
         if not isinstance(x_uint8, Tensor):
@@ -105,6 +141,8 @@ class FlowModel(nn.Module):
                 f"{what}: expected dtype torch.uint8 pixels in 0..255, got {x_uint8.dtype}; "
                 "pass raw pixels, the model dequantizes them itself"
             )
+        if x_uint8.dim() == 4 and x_uint8.shape[0] == 0:
+            raise ValueError(f"{what}: got an empty batch of shape {tuple(x_uint8.shape)}")
         if x_uint8.dim() != 4 or tuple(x_uint8.shape[1:]) != self.cfg.image_shape:
             raise ValueError(
                 f"{what}: expected shape (B, {', '.join(map(str, self.cfg.image_shape))}), "
@@ -159,8 +197,8 @@ class FlowModel(nn.Module):
         """Draw ``num`` images as uint8 (num, C, H, W); latents are N(0, temperature**2 I) (Glow)."""
         if num < 1:
             raise ValueError(f"sample: num must be >= 1, got {num}")
-        if not temperature >= 0.0:
-            raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
+        if not 0.0 <= temperature < math.inf:
+            raise ValueError(f"sample: temperature must be a finite number >= 0, got {temperature}")
         p = next(self.parameters())
         zs = [
             temperature * torch.randn((num, *shape), generator=generator, dtype=p.dtype).to(p.device)

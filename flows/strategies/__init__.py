@@ -1,82 +1,86 @@
-"""Split strategies, the factory that builds one from a ``SplitConfig``, and the training-step hook.
+"""Split strategies, registered by name: ``STRATEGY_BUILDERS[name](cfg, num_channels, height, width)``.
 
-The training loop drives the strategies with one call per optimizer step (see ``advance``) and adds
-the Shuffle regulariser to its loss::
+The training loop drives them through the model, once per optimizer step, and adds the Shuffle
+regulariser to its loss::
 
-    flows.strategies.advance(model, step)          # step = optimizer steps completed so far
+    model.advance(step)                             # step = optimizer steps completed so far
     loss = model.bits_per_dim(x).mean() + cfg.split.sigma * model.regularization()
+
+A new strategy is a ``SplitStrategy`` subclass plus one entry here (and its name in
+``flows.config.SPLIT_STRATEGIES``, which the config validates against).
 """
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Callable
 
 from flows.config import SPLIT_STRATEGIES, SplitConfig
-from flows.strategies.base import SplitStrategy
+from flows.strategies.base import FreezableStrategy, SplitStrategy
 from flows.strategies.eiw import EIWShuffleSplit
 from flows.strategies.lcma import LCMASplit
 from flows.strategies.static import StaticSplit
 
 STRATEGIES = SPLIT_STRATEGIES
 
+StrategyBuilder = Callable[[SplitConfig, int, int, int], SplitStrategy]
+
+
+def _eiw(cfg: SplitConfig, num_channels: int, height: int, width: int) -> SplitStrategy:
+    return EIWShuffleSplit(
+        num_channels,
+        regularizer=cfg.regularizer,
+        generator=cfg.generator,
+        generator_hidden=cfg.generator_hidden,
+        se_reduction=cfg.se_reduction,
+        se_activation=cfg.se_activation,
+        se_input=cfg.se_input,
+        se_detach=cfg.se_detach,
+        se_bias=cfg.se_bias,
+        freeze_after_steps=cfg.freeze_after_steps,
+        stabilizer=cfg.stabilizer,
+        ema_momentum=cfg.ema_momentum,
+        hysteresis_margin=cfg.hysteresis_margin,
+    )
+
+
+def _lcma(cfg: SplitConfig, num_channels: int, height: int, width: int) -> SplitStrategy:
+    return LCMASplit(
+        num_channels,
+        height,
+        width,
+        warmup_steps=cfg.lcma_warmup_steps,
+        factor_out=cfg.lcma_factor_out,
+        momentum=cfg.lcma_momentum,
+    )
+
+
+STRATEGY_BUILDERS: dict[str, StrategyBuilder] = {
+    "static": lambda cfg, c, h, w: StaticSplit(),
+    "static_swapped": lambda cfg, c, h, w: StaticSplit(swap_halves=True),
+    "eiw": _eiw,
+    "lcma": _lcma,
+}
+assert set(STRATEGY_BUILDERS) == set(SPLIT_STRATEGIES), "register every configurable strategy"
+
 
 def build_split_strategy(cfg: SplitConfig, *, num_channels: int, height: int, width: int) -> SplitStrategy:
     """One strategy instance for a split whose input is (num_channels, height, width)."""
-    if cfg.strategy == "static":
-        return StaticSplit()
-    if cfg.strategy == "eiw":
-        return EIWShuffleSplit(
-            num_channels,
-            regularizer=cfg.regularizer,
-            freeze_after_steps=cfg.freeze_after_steps,
-            se_reduction=cfg.se_reduction,
-            generator_hidden=cfg.generator_hidden,
-        )
-    if cfg.strategy == "lcma":
-        return LCMASplit(
-            num_channels,
-            height,
-            width,
-            warmup_steps=cfg.lcma_warmup_steps,
-            factor_out=cfg.lcma_factor_out,
-            momentum=cfg.lcma_momentum,
-        )
-    raise ValueError(f"split.strategy: unknown strategy {cfg.strategy!r}; choose one of {STRATEGIES}")
+    builder = STRATEGY_BUILDERS.get(cfg.strategy)
+    if builder is None:
+        raise ValueError(f"split.strategy: unknown strategy {cfg.strategy!r}; choose one of {STRATEGIES}")
+    return builder(cfg, num_channels, height, width)
 
 
-def advance(model: nn.Module, step: int) -> None:
-    """Tell every split strategy in ``model`` how many optimizer steps are done; call once per step.
-
-    Call it before each training step's forward pass with ``step`` = the number of optimizer steps
-    completed so far (0 before the first), on every rank, and again after resuming from a checkpoint
-    (frozen permutations live in buffers and come back with the state_dict; this call re-attaches
-    LCMA's measurement to its level). It is cheap and idempotent for a given step. It
-    - attaches each LCMA split to the level whose output it receives (so training forwards measure
-      contributions), and freezes its order once ``step >= lcma_warmup_steps``;
-    - freezes each EIW Shuffle permutation once ``step >= freeze_after_steps`` (if set).
-    ``model`` is a FlowModel or a wrapper holding one as ``.module`` (DDP). Under DDP keep the default
-    ``broadcast_buffers=True``: every rank then uses rank 0's LCMA statistics and order.
-    """
-    from flows.model import FlowModel  # the model imports this package: import late
-
-    if step < 0:
-        raise ValueError(f"advance: step must be >= 0, got {step}")
-    flow = getattr(model, "module", model)
-    if not isinstance(flow, FlowModel):
-        raise ValueError(
-            f"advance: expected a FlowModel (or a DDP wrapper of one), got {type(model).__name__}"
-        )
-    for level, split in zip(flow.levels, flow.splits, strict=False):
-        strategy = split.strategy
-        if isinstance(strategy, LCMASplit):
-            strategy.bind(level)
-        if isinstance(strategy, EIWShuffleSplit | LCMASplit):
-            strategy.advance(step)
+def advance(model, step: int) -> None:
+    """Deprecated spelling of ``model.advance(step)`` (``model`` may be a DDP wrapper)."""
+    getattr(model, "module", model).advance(step)
 
 
 __all__ = [
     "STRATEGIES",
+    "STRATEGY_BUILDERS",
     "EIWShuffleSplit",
+    "FreezableStrategy",
     "LCMASplit",
     "SplitStrategy",
     "StaticSplit",

@@ -5,10 +5,16 @@ A strategy is a permutation of the (C, H, W) input of a split, applied before th
 function of parameters and buffers only (never of the data being encoded), so ``decode`` and
 ``sample`` can rebuild it; data may influence it only through training (a regulariser, running
 statistics frozen into buffers).
+
+The training loop drives every strategy through the model, once per optimizer step, before the
+step's forward pass (``FlowModel.advance(step)``): ``bind(level)`` hands the strategy the level whose
+output it receives (LCMA measures it), then ``advance(step)`` applies its schedule (freezing, a
+stabiliser). Both are no-ops here, so a new strategy only overrides what it uses.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -24,3 +30,41 @@ class SplitStrategy(nn.Module):
     def regularization(self) -> Tensor | None:
         """Regulariser of the last forward pass (scalar), or None when the strategy has none."""
         return None
+
+    def bind(self, level: nn.Module) -> None:
+        """Receive the level (a Compose of flow steps) whose output this split takes; idempotent."""
+
+    def advance(self, step: int) -> None:
+        """Called with the number of completed optimizer steps, before each training forward."""
+
+    def diagnostics(self) -> dict[str, float]:
+        """Scalars that describe the current order (logged by the trainer); none by default."""
+        return {}
+
+
+class FreezableStrategy(SplitStrategy):
+    """A strategy whose permutation can be fixed into buffers; ``frozen`` is saved with the state_dict.
+
+    ``_is_frozen`` mirrors the ``frozen`` buffer in Python: reading a CUDA bool on every forward would
+    synchronise the GPU. A load_state_dict hook keeps the mirror true after a resume.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("frozen", torch.tensor(False))
+        self._is_frozen = False
+        self.register_load_state_dict_post_hook(FreezableStrategy._sync_frozen_flag)
+
+    @staticmethod
+    def _sync_frozen_flag(module: FreezableStrategy, incompatible_keys: object) -> None:
+        module._is_frozen = bool(module.frozen)
+
+    def _mark_frozen(self) -> None:
+        self.frozen.fill_(True)
+        self._is_frozen = True
+
+
+def kept_fraction_of_first_half(order: Tensor, num_keep: int) -> float:
+    """Share of the kept entries that static (Glow) would also keep: order (C, ...) of channel indices
+    along dim 0; static keeps channels 0..num_keep-1."""
+    return (order[:num_keep] < num_keep).to(torch.float32).mean().item()

@@ -1,37 +1,69 @@
-"""EIW-Flow Shuffle split (arXiv 2407.04958, after its authors' DenseFlow + Shuffle code).
+"""EIW-Flow Shuffle split (arXiv 2407.04958), as its authors' code trains it (studying910/EIW-Flow,
+``DIW-Flow/experiments/image/model/flow_modules.py``: ``WeightGenerator``, ``InvertibleTransition``;
+``SENet.py``: ``SELayer``).
 
-Before the split, a small generator network produces channel weights w = softmax(g) over the C
-channels of the split input. The channels are sorted by w, descending: the first half continues, the
-second half is factored out. The permutation is a function of the generator's parameters only (or of
-a frozen buffer), so decode and sample rebuild it with no data; its log-det is 0.
+Before the split, a generator network produces channel weights w = softmax(g) over the C channels of
+the split input; the channels are sorted by w, descending: the first half continues, the second half
+is factored out. The permutation is a function of parameters (or of a held buffer), so decode and
+sample rebuild it with no data; its log-det is 0.
 
-The sort passes no gradient to w. w learns only through a regulariser that ties it to a
-squeeze-and-excitation head's per-sample attention s_b = sigmoid(SE(x_b)) on the unpermuted split
-input (w and s are indexed by the same, original channel j):
+The sort passes no gradient to w. w learns through a regulariser that ties it to a
+squeeze-and-excitation head's per-sample attention s_b (B, C) computed from the features:
 
-    reference: R = sum_j w_j (log w_j - mean_b s_bj)      (what the authors' code optimises;
-               minimised by w = softmax(mean_b s_b))
+    reference: R = sum_j w_j (log w_j - mean_b s_bj)
+        = torch.nn.KLDivLoss(reduction="batchmean")(s, w) exactly as the authors call it (they pass
+        probabilities s where KLDivLoss expects log-probabilities).
     kl:        R = KL(w || q) = sum_j w_j (log w_j - log q_j),  q = mean_b s_b / sum_j mean_b s_bj
 
-The SE head sees the features detached: the regulariser trains the generator and the SE head and
-never pushes the flow's own features around. Logs are always log-softmax / log-sigmoid /
-logsumexp, so a peaked or uniform w never produces NaN; the sort runs on the logits g (softmax is
-monotone, and logits do not underflow to equal zeros) and is stable, so ties go to the lower index.
+The authors' form (every default here): the generator reads the scalar channel count C through a
+bias-free Linear(1, C//2)-ReLU-Linear(C//2, C); the SE head is bias-free, reduction 16, ends in a
+softmax over channels, and reads the *permuted, not detached* tensor, so s_bi belongs to the channel
+at sorted position i while w_i belongs to input channel i (the authors pair them by index), and
+sigma * R reaches the flow's own features: that is what makes sigma trade likelihood against the
+regulariser. The alternatives (``se_input="aligned"``, ``se_detach``, ``se_activation="sigmoid"``,
+``generator="code"``, ``se_bias``) reproduce this project's first Shuffle for comparison;
+docs/model.md lists every difference.
+
+Stabilisers (ours; the authors re-sort on every step and the kept set churns): ``ema`` sorts an
+exponential average of the logits; ``hysteresis`` changes the held order only when a factored-out
+channel's logit beats a kept channel's by ``hysteresis_margin``. Both update at ``advance`` (once per
+optimizer step) into the ``held_perm`` buffer, which is also where ``freeze`` puts the order.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.strategies.base import SplitStrategy
+from flows.strategies.base import FreezableStrategy, kept_fraction_of_first_half
+
+CHURN_WINDOW = 100  # optimizer steps over which the "kept set changed" fraction is reported
 
 
-class ChannelWeightGenerator(nn.Module):
-    """A learned code through a two-layer MLP: () -> channel logits g (C,); w = softmax(g)."""
+class CountGenerator(nn.Module):
+    """The authors' WeightGenerator: the scalar C through Linear(1, H)-ReLU-Linear(H, C), bias-free."""
+
+    def __init__(self, num_channels: int, hidden: int) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.fc = nn.Sequential(
+            nn.Linear(1, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, num_channels, bias=False)
+        )
+
+    def forward(self) -> Tensor:
+        weight = self.fc[0].weight
+        # Always in the parameters' precision: a permutation sorted from bf16 logits under autocast in
+        # training could differ from the float32 one that decode and sample rebuild outside it.
+        with torch.autocast(weight.device.type, enabled=False):
+            return self.fc(weight.new_full((1,), float(self.num_channels)))
+
+
+class CodeGenerator(nn.Module):
+    """This project's first generator: a learned random code through Linear-tanh-Linear."""
 
     def __init__(self, num_channels: int, hidden: int) -> None:
         super().__init__()
@@ -39,8 +71,6 @@ class ChannelWeightGenerator(nn.Module):
         self.net = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, num_channels))
 
     def forward(self) -> Tensor:
-        # Always in the parameters' precision: a permutation sorted from bf16 logits under autocast in
-        # training could differ from the float32 one that decode and sample rebuild outside it.
         with torch.autocast(self.code.device.type, enabled=False):
             return self.net(self.code)
 
@@ -48,46 +78,66 @@ class ChannelWeightGenerator(nn.Module):
 class SqueezeExcitation(nn.Module):
     """Hu et al. 2018: global average pool -> FC -> ReLU -> FC. x (B, C, H, W) -> logits a (B, C).
 
-    The attention is s = sigmoid(a); logits are returned so that log s = logsigmoid(a) stays exact.
+    The attention is s = softmax(a) (authors) or sigmoid(a); logits are returned so log s stays exact.
     """
 
-    def __init__(self, num_channels: int, reduction: int) -> None:
+    def __init__(self, num_channels: int, reduction: int, *, bias: bool) -> None:
         super().__init__()
-        hidden = max(1, num_channels // reduction)
-        self.fc_in = nn.Linear(num_channels, hidden)
-        self.fc_out = nn.Linear(hidden, num_channels)
+        hidden = max(1, num_channels // reduction)  # the authors' C // 16 is 0 for C < 16
+        self.fc_in = nn.Linear(num_channels, hidden, bias=bias)
+        self.fc_out = nn.Linear(hidden, num_channels, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc_out(F.relu(self.fc_in(x.mean(dim=(2, 3)))))
 
 
-def shuffle_regularizer(log_w: Tensor, attention_logits: Tensor, form: str) -> Tensor:
-    """The Shuffle regulariser of one split: log_w (C,) log-softmax weights, logits a (B, C) -> ().
+def log_attention(attention_logits: Tensor, activation: str) -> Tensor:
+    """log s (B, C) from SE logits: log-softmax over channels or log-sigmoid, never log(0)."""
+    if activation == "softmax":
+        return F.log_softmax(attention_logits, dim=1)
+    return F.logsigmoid(attention_logits)
 
-    reference: sum_j w_j (log w_j - mean_b sigmoid(a_bj)).
+
+def shuffle_regularizer(log_w: Tensor, log_s: Tensor, form: str) -> Tensor:
+    """The Shuffle regulariser of one split: log_w (C,) log-softmax weights, log s (B, C) -> ().
+
+    reference: sum_j w_j (log w_j - mean_b s_bj)   (KLDivLoss(batchmean)(s, w), see module doc)
     kl: sum_j w_j (log w_j - log q_j), q_j = mean_b s_bj / sum_k mean_b s_bk, with
-        log mean_b s_bj = logsumexp_b logsigmoid(a_bj) - log B.
+        log mean_b s_bj = logsumexp_b log s_bj - log B.
     """
     w = log_w.exp()
     if form == "reference":
-        return (w * (log_w - torch.sigmoid(attention_logits).mean(dim=0))).sum()
+        return (w * (log_w - log_s.exp().mean(dim=0))).sum()
     if form == "kl":
-        log_mean_s = torch.logsumexp(F.logsigmoid(attention_logits), dim=0) - math.log(
-            attention_logits.shape[0]
-        )
+        log_mean_s = torch.logsumexp(log_s, dim=0) - math.log(log_s.shape[0])
         log_q = log_mean_s - torch.logsumexp(log_mean_s, dim=0)
         return (w * (log_w - log_q)).sum()
     raise ValueError(f"split.regularizer: unknown {form!r}; choose 'reference' or 'kl'")
 
 
-class EIWShuffleSplit(SplitStrategy):
+def sort_descending(logits: Tensor) -> Tensor:
+    """Stable descending sort of logits (softmax is monotone; logits do not underflow to equal zeros)."""
+    return torch.sort(logits.detach(), descending=True, stable=True).indices
+
+
+def kendall_tau(order_a: Tensor, order_b: Tensor) -> float:
+    """Kendall's tau between two orders (permutations of 0..C-1): 1 equal, -1 reversed."""
+    n = order_a.numel()
+    if n < 2:
+        return 1.0
+    rank_a = torch.argsort(order_a).to(torch.float64)
+    rank_b = torch.argsort(order_b).to(torch.float64)
+    da = torch.sign(rank_a.view(-1, 1) - rank_a.view(1, -1))
+    db = torch.sign(rank_b.view(-1, 1) - rank_b.view(1, -1))
+    return ((da * db).sum() / (n * (n - 1))).item()
+
+
+class EIWShuffleSplit(FreezableStrategy):
     """x (B, C, H, W) -> x[:, perm], perm = argsort(w, descending); a per-channel permutation.
 
-    Freezing: ``freeze()`` (called by ``flows.strategies.advance`` once ``freeze_after_steps`` optimizer
-    steps are done) copies the current permutation into the ``frozen_perm`` buffer; from then on that
-    buffer is the permutation, and it is saved and restored with the state_dict. Unfrozen (the default),
-    the permutation is recomputed from the parameters on every call, so evaluating or sampling a
-    checkpoint always uses the permutation of the parameters being evaluated.
+    Without a stabiliser and unfrozen (the authors' form) the permutation is recomputed from the
+    parameters on every call, so evaluating or sampling a checkpoint uses the permutation of the
+    parameters being evaluated. Frozen or stabilised, it is the ``held_perm`` buffer.
     """
 
     def __init__(
@@ -95,50 +145,71 @@ class EIWShuffleSplit(SplitStrategy):
         num_channels: int,
         *,
         regularizer: str = "reference",
+        generator: str = "count",
+        generator_hidden: int | None = None,
+        se_reduction: int = 16,
+        se_activation: str = "softmax",
+        se_input: str = "permuted",
+        se_detach: bool = False,
+        se_bias: bool = False,
         freeze_after_steps: int | None = None,
-        se_reduction: int = 4,
-        generator_hidden: int = 32,
+        stabilizer: str = "none",
+        ema_momentum: float = 0.99,
+        hysteresis_margin: float = 1.0,
     ) -> None:
         super().__init__()
         if regularizer not in ("reference", "kl"):
             raise ValueError(f"split.regularizer: unknown {regularizer!r}; choose 'reference' or 'kl'")
         self.regularizer_form = regularizer
+        self.num_keep = num_channels // 2
+        self.se_activation = se_activation
+        self.se_input = se_input
+        self.se_detach = se_detach
         self.freeze_after_steps = freeze_after_steps
-        self.generator = ChannelWeightGenerator(num_channels, generator_hidden)
-        self.attention = SqueezeExcitation(num_channels, se_reduction)
-        self.register_buffer("frozen_perm", torch.arange(num_channels))
-        self.register_buffer("frozen", torch.tensor(False))
-        # Python mirror of the ``frozen`` buffer: reading a CUDA bool every forward would sync the GPU.
-        self._is_frozen = False
+        self.stabilizer = stabilizer
+        self.ema_momentum = ema_momentum
+        self.hysteresis_margin = hysteresis_margin
+        hidden = generator_hidden or max(1, num_channels // 2)
+        self.generator_kind = generator
+        self.generator = (CountGenerator if generator == "count" else CodeGenerator)(num_channels, hidden)
+        self.attention = SqueezeExcitation(num_channels, se_reduction, bias=se_bias)
+        with torch.no_grad():
+            logits = self.generator().detach().clone()
+        self.register_buffer("initial_perm", sort_descending(logits))
+        self.register_buffer("held_perm", self.initial_perm.clone())
+        self.register_buffer("logit_ema", logits)
+        self.register_buffer("last_step", torch.tensor(-1))
         self._last_regularization: Tensor | None = None
-        self.register_load_state_dict_post_hook(EIWShuffleSplit._sync_frozen_flag)
-
-    @staticmethod
-    def _sync_frozen_flag(module: EIWShuffleSplit, incompatible_keys: object) -> None:
-        module._is_frozen = bool(module.frozen)
+        self._kept_changed: deque[bool] = deque(maxlen=CHURN_WINDOW)
+        self._last_kept: Tensor | None = None
 
     # ------------------------------------------------------------------ the permutation
     def channel_log_weights(self) -> Tensor:
         """log w = log_softmax(g), shape (C,)."""
         return F.log_softmax(self.generator(), dim=0)
 
-    def _sorted_by_weight(self, logits: Tensor) -> Tensor:
-        return torch.sort(logits.detach(), descending=True, stable=True).indices
+    @property
+    def _holds_perm(self) -> bool:
+        return self._is_frozen or self.stabilizer != "none"
 
     def permutation(self) -> Tensor:
         """The channel permutation (C,) int64: output channel i is input channel perm[i]."""
-        if self._is_frozen:
-            return self.frozen_perm
-        return self._sorted_by_weight(self.generator())
+        if self._holds_perm:
+            return self.held_perm
+        return sort_descending(self.generator())
 
     def permute(self, x: Tensor) -> Tensor:
         logits = self.generator()
-        log_w = F.log_softmax(logits, dim=0)
+        perm = self.held_perm if self._holds_perm else sort_descending(logits)
+        y = x.index_select(1, perm)
+        se_in = y if self.se_input == "permuted" else x
+        if self.se_detach:
+            se_in = se_in.detach()
+        log_s = log_attention(self.attention(se_in), self.se_activation)
         self._last_regularization = shuffle_regularizer(
-            log_w, self.attention(x.detach()), self.regularizer_form
+            F.log_softmax(logits, dim=0), log_s, self.regularizer_form
         )
-        perm = self.frozen_perm if self._is_frozen else self._sorted_by_weight(logits)
-        return x.index_select(1, perm)
+        return y
 
     def unpermute(self, y: Tensor) -> Tensor:
         return y.index_select(1, torch.argsort(self.permutation()))
@@ -151,11 +222,65 @@ class EIWShuffleSplit(SplitStrategy):
     @torch.no_grad()
     def freeze(self) -> None:
         """Fix the permutation to the current one (a buffer); the regulariser keeps being computed."""
-        self.frozen_perm.copy_(self.permutation())
-        self.frozen.fill_(True)
-        self._is_frozen = True
+        self.held_perm.copy_(self.permutation())
+        self._mark_frozen()
+
+    @torch.no_grad()
+    def _stabilise(self) -> None:
+        logits = self.generator().detach()
+        if self.stabilizer == "ema":
+            self.logit_ema.mul_(self.ema_momentum).add_(logits, alpha=1.0 - self.ema_momentum)
+            self.held_perm.copy_(sort_descending(self.logit_ema))
+        elif self.stabilizer == "hysteresis":
+            kept = torch.zeros_like(logits)
+            kept[self.held_perm[: self.num_keep]] = 1.0
+            candidate = sort_descending(logits + self.hysteresis_margin * kept)
+            if not torch.equal(
+                candidate[: self.num_keep].sort().values, self.held_perm[: self.num_keep].sort().values
+            ):
+                self.held_perm.copy_(candidate)
 
     def advance(self, step: int) -> None:
-        """Called with the number of completed optimizer steps; freezes once it reaches the setting."""
+        """Once per optimizer step (idempotent for a given step): freeze at the configured step, update
+        a stabilised order, and record whether the kept set changed (for ``diagnostics``)."""
+        if step <= int(self.last_step):
+            return
+        self.last_step.fill_(step)
         if not self._is_frozen and self.freeze_after_steps is not None and step >= self.freeze_after_steps:
             self.freeze()
+        if not self._is_frozen and self.stabilizer != "none":
+            self._stabilise()
+        kept = self.permutation()[: self.num_keep].sort().values
+        if self._last_kept is not None:
+            self._kept_changed.append(not torch.equal(kept, self._last_kept))
+        self._last_kept = kept
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """churn: share of the last (up to 100) steps whose kept set changed; kendall_tau of the order
+        against the initial one; w_entropy: entropy of w in nats (log C is uniform); static_overlap:
+        share of the kept channels that static would keep too."""
+        log_w = self.channel_log_weights()
+        order = self.permutation()
+        churn = sum(self._kept_changed) / len(self._kept_changed) if self._kept_changed else 0.0
+        return {
+            "churn": float(churn),
+            "kendall_tau": kendall_tau(order, self.initial_perm),
+            "w_entropy": float(-(log_w.exp() * log_w).sum().item()),
+            "static_overlap": kept_fraction_of_first_half(order, self.num_keep),
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        if prefix + "generator.code" in state_dict and self.generator_kind != "code":
+            raise ValueError(
+                f"{prefix.rstrip('.')}: this checkpoint holds this project's first EIW Shuffle (a learned "
+                "code generator, sigmoid SE on the detached input). Load it with model.split set to "
+                "{generator: code, se_activation: sigmoid, se_input: aligned, se_detach: true, "
+                "se_bias: true, se_reduction: 4, generator_hidden: 32}, or retrain with the authors' form."
+            )
+        if prefix + "frozen_perm" in state_dict:  # checkpoints before held_perm and the stabilisers
+            state_dict[prefix + "held_perm"] = state_dict.pop(prefix + "frozen_perm")
+            for name in ("initial_perm", "logit_ema", "last_step"):
+                state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)

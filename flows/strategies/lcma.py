@@ -35,10 +35,10 @@ from torch import Tensor, nn
 from flows.actnorm import ActNorm
 from flows.coupling import AffineCoupling
 from flows.invconv import InvConv1x1
-from flows.strategies.base import SplitStrategy
+from flows.strategies.base import FreezableStrategy, kept_fraction_of_first_half
 
 
-class LCMASplit(SplitStrategy):
+class LCMASplit(FreezableStrategy):
     """x (B, C, H, W) -> x.gather(1, order) with order (C, H, W) a per-position channel permutation."""
 
     def __init__(
@@ -47,7 +47,7 @@ class LCMASplit(SplitStrategy):
         height: int,
         width: int,
         *,
-        warmup_steps: int = 1000,
+        warmup_steps: int = 100,
         factor_out: str = "low",
         momentum: float = 0.99,
     ) -> None:
@@ -62,20 +62,12 @@ class LCMASplit(SplitStrategy):
         self.register_buffer("num_updates", torch.tensor(0, dtype=torch.long))
         identity = torch.arange(num_channels).view(-1, 1, 1).expand(shape).contiguous()
         self.register_buffer("order", identity)
-        self.register_buffer("frozen", torch.tensor(False))
-        # Python mirror of ``frozen``: reading a CUDA bool every forward would sync the GPU.
-        self._is_frozen = False
-        self.register_load_state_dict_post_hook(LCMASplit._sync_frozen_flag)
         # Plain lists, not submodules: the level's layers belong to the model, not to this strategy.
         self._actnorms: list[ActNorm] = []
         self._invconvs: list[InvConv1x1] = []
         self._couplings: list[AffineCoupling] = []
         self._bound_to: list[nn.Module] = []
         self._coupling_log_det: Tensor | None = None  # (C, H, W), batch mean of this forward
-
-    @staticmethod
-    def _sync_frozen_flag(module: LCMASplit, incompatible_keys: object) -> None:
-        module._is_frozen = bool(module.frozen)
 
     # ------------------------------------------------------------------ measuring
     def bind(self, level: nn.Module) -> None:
@@ -173,10 +165,17 @@ class LCMASplit(SplitStrategy):
         """Sort channels per position by contribution (stable, so ties keep the channel order)."""
         descending = self.factor_out == "low"  # kept (first) half = the end that is not factored out
         self.order.copy_(torch.sort(self.contribution(), dim=0, descending=descending, stable=True).indices)
-        self.frozen.fill_(True)
-        self._is_frozen = True
+        self._mark_frozen()
 
     def advance(self, step: int) -> None:
         """Called with the number of completed optimizer steps; freezes once warm-up is over."""
         if not self._is_frozen and step >= self.warmup_steps:
             self.freeze()
+
+    def diagnostics(self) -> dict[str, float]:
+        """static_overlap: share of the kept (c, h, w) entries that static would keep too (1 while
+        warming up); frozen: 1 once the order is fixed."""
+        return {
+            "static_overlap": kept_fraction_of_first_half(self.order, self.order.shape[0] // 2),
+            "frozen": float(self._is_frozen),
+        }

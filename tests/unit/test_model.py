@@ -195,6 +195,7 @@ def test_short_training_run_lowers_bits_per_dim_clearly() -> None:
         (torch.zeros(2, 3, 8, 8, dtype=torch.int64), "dtype torch.uint8"),
         (torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "expected shape"),
         (torch.zeros(3, 8, 8, dtype=torch.uint8), "expected shape"),
+        (torch.zeros(0, 3, 8, 8, dtype=torch.uint8), "empty batch"),
     ],
 )
 def test_bits_per_dim_rejects_bad_input(images: Tensor, match: str) -> None:
@@ -209,3 +210,12 @@ def test_sample_rejects_bad_arguments() -> None:
         model.sample(0)
     with pytest.raises(ValueError, match="temperature"):
         model.sample(2, temperature=-1.0)
+    for bad in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="temperature must be a finite"):
+            model.sample(2, temperature=bad)
+
+
+@pytest.mark.parametrize("shape", [(3, 32.7, 32), (3, 32.0, 32), (3, True, 32), (3, 32), (0, 32, 32)])
+def test_image_shape_must_be_positive_integers(shape) -> None:
+    with pytest.raises(ValueError, match="image_shape"):
+        FlowConfig(image_shape=shape)

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from flows import FlowConfig, Split, SplitConfig, build_flow, dataclass_from_dict, initialize_actnorm
-from flows.strategies import EIWShuffleSplit, LCMASplit, StaticSplit, advance
+from flows import FlowConfig, Split, SplitConfig, build_flow, initialize_actnorm
+from flows.strategies import EIWShuffleSplit, LCMASplit, StaticSplit
+from flows.strategies.eiw import CountGenerator
 from tests.unit.bijection_harness import check_bijection, jacobian_log_det, perturb_parameters
 
-STRATEGIES = ["static", "eiw", "lcma"]
+STRATEGIES = ["static", "static_swapped", "eiw", "lcma"]
 
 
 def tiny_model(strategy: str, **split) -> nn.Module:
@@ -35,7 +36,7 @@ def train(model: nn.Module, steps: int, *, first_step: int = 0, sigma: float = 1
     """The loop the trainer runs: advance, bits/dim + sigma * regularization, Adam step."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for step in range(first_step, first_step + steps):
-        advance(model, step)
+        model.advance(step)
         loss = model.bits_per_dim(images(8, seed=step)).mean() + sigma * model.regularization()
         optimizer.zero_grad()
         loss.backward()
@@ -51,10 +52,24 @@ def trained(strategy: str, steps: int = 4, **split) -> nn.Module:
 
 
 def set_channel_logits(strategy: EIWShuffleSplit, logits: list[float]) -> None:
-    last = strategy.generator.net[-1]
+    """Make the generator output exactly ``logits``: for the authors' bias-free count generator,
+    W1 = 1/C (every hidden unit is 1 after the ReLU) and W2 = logits / hidden."""
+    generator = strategy.generator
     with torch.no_grad():
-        last.weight.zero_()
-        last.bias.copy_(torch.tensor(logits, dtype=last.bias.dtype))
+        if isinstance(generator, CountGenerator):
+            first, last = generator.fc[0], generator.fc[2]
+            first.weight.fill_(1.0 / generator.num_channels)
+            last.weight.copy_(
+                torch.tensor(logits, dtype=last.weight.dtype).view(-1, 1).expand_as(last.weight)
+                / last.weight.shape[1]
+            )
+        else:
+            last = generator.net[-1]
+            last.weight.zero_()
+            last.bias.copy_(torch.tensor(logits, dtype=last.bias.dtype))
+    torch.testing.assert_close(
+        generator().detach(), torch.tensor(logits, dtype=torch.float64), atol=1e-9, rtol=1e-12
+    )
 
 
 def frozen_lcma(c: int = 4, h: int = 2, w: int = 2, factor_out: str = "low", seed: int = 0) -> LCMASplit:
@@ -94,9 +109,25 @@ class LikelihoodPath(PermutationOnly):
         return self._strategy[0].inverse(y)
 
 
-def eiw_strategy(frozen: bool = False) -> EIWShuffleSplit:
-    strategy = EIWShuffleSplit(4, se_reduction=2, generator_hidden=3).double()
+EIW_OPTIONS = {
+    "authors": {},
+    "aligned_sigmoid_detached": dict(
+        se_input="aligned", se_activation="sigmoid", se_detach=True, se_bias=True
+    ),
+    "code_generator": dict(generator="code"),
+    "ema": dict(stabilizer="ema", ema_momentum=0.5),
+    "hysteresis": dict(stabilizer="hysteresis", hysteresis_margin=0.5),
+    "kl": dict(regularizer="kl"),
+}
+
+
+def eiw_strategy(frozen: bool = False, **options) -> EIWShuffleSplit:
+    strategy = EIWShuffleSplit(4, se_reduction=2, generator_hidden=3, **options).double()
     set_channel_logits(strategy, [0.1, 2.0, -1.0, 0.7])  # permutation [1, 3, 0, 2]: not the identity
+    with torch.no_grad():  # as if the generator had started at these logits
+        strategy.logit_ema.copy_(strategy.generator())
+        strategy.initial_perm.copy_(torch.tensor([1, 3, 0, 2]))
+        strategy.held_perm.copy_(strategy.initial_perm)
     if frozen:
         strategy.freeze()
         set_channel_logits(strategy, [3.0, 2.0, 1.0, 0.0])
@@ -105,12 +136,17 @@ def eiw_strategy(frozen: bool = False) -> EIWShuffleSplit:
 
 HARNESS = {
     "static": lambda: PermutationOnly(StaticSplit()),
-    "eiw": lambda: PermutationOnly(eiw_strategy()),
+    "static_swapped": lambda: PermutationOnly(StaticSplit(swap_halves=True)),
     "eiw_frozen": lambda: PermutationOnly(eiw_strategy(frozen=True)),
     "lcma_frozen": lambda: PermutationOnly(frozen_lcma()),
-    "split_eiw": lambda: LikelihoodPath(Split(4, strategy=eiw_strategy()).double()),
     "split_lcma": lambda: LikelihoodPath(Split(4, strategy=frozen_lcma()).double()),
+    "split_static_swapped": lambda: LikelihoodPath(Split(4, strategy=StaticSplit(swap_halves=True)).double()),
 }
+for _name, _options in EIW_OPTIONS.items():
+    HARNESS[f"eiw_{_name}"] = lambda o=_options: PermutationOnly(eiw_strategy(**o))
+    HARNESS[f"split_eiw_{_name}"] = lambda o=_options: LikelihoodPath(
+        Split(4, strategy=eiw_strategy(**o)).double()
+    )
 
 
 @pytest.mark.parametrize("name", sorted(HARNESS))
@@ -128,9 +164,11 @@ def test_permutations_are_true_permutations_and_not_identity() -> None:
     assert torch.equal(lcma.order.sort(dim=0).values, torch.arange(6).view(6, 1, 1).expand(6, 3, 2))
     assert not torch.equal(lcma.order[:, 0, 0], lcma.order[:, 1, 1]), "orders are per position"
     x = torch.randn(2, 4, 2, 2, dtype=torch.float64)
-    for strategy in (eiw, frozen_lcma()):
+    for strategy in (eiw, frozen_lcma(), StaticSplit(swap_halves=True)):
         y = strategy.permute(x)
         assert torch.equal(y.sort(dim=1).values, x.sort(dim=1).values) and not torch.equal(y, x)
+    swapped = StaticSplit(swap_halves=True).permute(x)
+    assert torch.equal(swapped[:, :2], x[:, 2:]) and torch.equal(swapped[:, 2:], x[:, :2])
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -152,11 +190,16 @@ def test_decode_inverts_encode_and_log_det_matches_jacobian(strategy: str) -> No
     torch.testing.assert_close(jacobian_log_det(Encoder(), small), model.encode(small)[1], atol=1e-7, rtol=0)
 
 
-def hand_regularizer(logits: list[float], attention_logits: Tensor, form: str) -> float:
+def hand_regularizer(logits: list[float], attention_logits: Tensor, form: str, activation: str) -> float:
+    """The regulariser from its definition, in plain Python; attention rows are indexed like w."""
     z = sum(math.exp(g) for g in logits)
     w = [math.exp(g) / z for g in logits]
     rows = attention_logits.tolist()
-    mean_s = [sum(1 / (1 + math.exp(-row[j])) for row in rows) / len(rows) for j in range(len(logits))]
+    if activation == "softmax":
+        s_rows = [[math.exp(a) / sum(math.exp(b) for b in row) for a in row] for row in rows]
+    else:
+        s_rows = [[1 / (1 + math.exp(-a)) for a in row] for row in rows]
+    mean_s = [sum(row[j] for row in s_rows) / len(rows) for j in range(len(logits))]
     if form == "reference":
         return sum(w[j] * (math.log(w[j]) - mean_s[j]) for j in range(len(w)))
     q = [m / sum(mean_s) for m in mean_s]
@@ -164,32 +207,48 @@ def hand_regularizer(logits: list[float], attention_logits: Tensor, form: str) -
 
 
 @pytest.mark.parametrize("form", ["reference", "kl"])
-def test_regularizer_equals_hand_computation(form: str) -> None:
+@pytest.mark.parametrize("options", [{}, dict(se_activation="sigmoid", se_input="aligned", se_bias=True)])
+def test_regularizer_equals_hand_computation(form: str, options: dict) -> None:
+    """Authors' form: the SE head reads the permuted tensor, and its output i is paired with w_i."""
     torch.manual_seed(0)
-    strategy = EIWShuffleSplit(4, regularizer=form, se_reduction=1, generator_hidden=3).double()
+    strategy = EIWShuffleSplit(4, regularizer=form, se_reduction=1, generator_hidden=3, **options).double()
     perturb_parameters(strategy.attention, scale=1.0)
     logits = [0.3, -1.2, 2.0, 0.5]
     set_channel_logits(strategy, logits)
     x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
-    strategy.permute(x)
-    attention_logits = strategy.attention(x)
+    y = strategy.permute(x)
+    attention_logits = strategy.attention(y if not options else x)
     assert attention_logits.std(dim=0).min() > 0, "attention must vary over the batch for a real check"
-    expected = hand_regularizer(logits, attention_logits.detach(), form)
+    expected = hand_regularizer(
+        logits, attention_logits.detach(), form, options.get("se_activation", "softmax")
+    )
     assert strategy.regularization().item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_reference_regularizer_is_the_authors_kl_div_loss_call() -> None:
+    """The authors compute torch.nn.KLDivLoss(reduction="batchmean")(softmax SE of the sorted x, w)."""
+    torch.manual_seed(1)
+    strategy = EIWShuffleSplit(8, se_reduction=2).double()
+    perturb_parameters(strategy, scale=0.5)
+    x = torch.randn(5, 8, 3, 3, dtype=torch.float64)
+    y = strategy.permute(x)
+    s = torch.softmax(strategy.attention(y), dim=1)
+    w = torch.softmax(strategy.generator(), dim=0).view(1, -1).expand_as(s)
+    expected = torch.nn.KLDivLoss(reduction="batchmean")(s, w)
+    torch.testing.assert_close(strategy.regularization(), expected, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("form", ["reference", "kl"])
 def test_regularizer_minimum_is_documented_target(form: str) -> None:
     """reference is minimised by w = softmax(mean s), kl by w = q (where it is 0)."""
-    strategy = EIWShuffleSplit(4, regularizer=form).double()
+    strategy = EIWShuffleSplit(4, regularizer=form, se_input="aligned").double()
     x = torch.randn(5, 4, 2, 2, dtype=torch.float64)
-    a = strategy.attention(x).detach()
-    mean_s = torch.sigmoid(a).mean(dim=0)
+    mean_s = torch.softmax(strategy.attention(x).detach(), dim=1).mean(dim=0)
     target = mean_s if form == "reference" else torch.log(mean_s / mean_s.sum())
     set_channel_logits(strategy, target.tolist())
     strategy.permute(x)
-    bias = strategy.generator.net[-1].bias
-    (grad,) = torch.autograd.grad(strategy.regularization(), bias)
+    last = strategy.generator.fc[2].weight
+    (grad,) = torch.autograd.grad(strategy.regularization(), last)
     assert grad.abs().max() < 1e-12
     if form == "kl":
         assert abs(strategy.regularization().item()) < 1e-12
@@ -198,7 +257,7 @@ def test_regularizer_minimum_is_documented_target(form: str) -> None:
 @pytest.mark.parametrize("form", ["reference", "kl"])
 @pytest.mark.parametrize("logits", [[0.0, 0.0, 0.0, 0.0], [1e4, 0.0, 0.0, -1e4], [-80.0, 80.0, 80.0, 3.0]])
 def test_no_nan_for_peaked_or_uniform_weights_and_ties_break_by_index(form: str, logits: list[float]) -> None:
-    strategy = EIWShuffleSplit(4, regularizer=form).double()
+    strategy = EIWShuffleSplit(4, regularizer=form, generator="code").double()
     set_channel_logits(strategy, logits)
     x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
     strategy.permute(x)
@@ -218,18 +277,67 @@ def strategy_grads(model: nn.Module, sigma: float) -> dict[str, Tensor | None]:
     return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_generator_learns_only_through_the_regularizer() -> None:
+def test_sigma_reaches_the_flow_features_in_the_authors_form() -> None:
+    """The default eiw: sigma * R has a gradient on the coupling networks (sigma is a real knob)."""
     model = trained("eiw", steps=1)
     zero, one = strategy_grads(model, 0.0), strategy_grads(model, 1.0)
-    generator = [n for n in zero if ".generator." in n or ".attention." in n]
-    assert generator
-    for name in generator:
+    coupling = [n for n in zero if n.startswith("levels.0.") and ".net." in n]
+    assert coupling
+    assert any((zero[n] - one[n]).abs().max() > 1e-8 for n in coupling), "R must reach the couplings"
+    model.zero_grad(set_to_none=True)
+    model.bits_per_dim(images(4, seed=5), generator=torch.Generator().manual_seed(0))
+    grads = torch.autograd.grad(
+        model.regularization(), [p for n, p in model.named_parameters() if n in coupling]
+    )
+    assert max(g.abs().max().item() for g in grads) > 0
+    for name in (n for n in zero if ".generator." in n or ".attention." in n):
         assert zero[name] is None or zero[name].abs().max() == 0, f"sigma=0 must give {name} no gradient"
         assert one[name] is not None and one[name].abs().max() > 0, f"sigma=1 must train {name}"
-    for name in set(zero) - set(generator):  # the regulariser never reaches the flow itself
-        torch.testing.assert_close(zero[name], one[name], atol=1e-12, rtol=0)
     assert model.regularization().item() == pytest.approx(
         sum(s.strategy.regularization().item() for s in model.splits)
+    )
+
+
+def test_detached_se_input_keeps_the_regularizer_off_the_flow() -> None:
+    """The first Shuffle's form (se_detach): the regulariser trains only the generator and SE head."""
+    model = trained("eiw", steps=1, se_detach=True)
+    zero, one = strategy_grads(model, 0.0), strategy_grads(model, 1.0)
+    strategy_params = {n for n in zero if ".generator." in n or ".attention." in n}
+    for name in set(zero) - strategy_params:
+        torch.testing.assert_close(zero[name], one[name], atol=1e-12, rtol=0)
+
+
+def test_sigma_changes_training() -> None:
+    """Two short trainings whose sigma differs 100x end with different coupling weights."""
+    weights = []
+    for sigma in (1e-3, 1e-1):
+        torch.manual_seed(0)
+        model = tiny_model("eiw")
+        initialize_actnorm(model, images(16))
+        train(model, 5, sigma=sigma)
+        weights.append(torch.cat([p.detach().flatten() for n, p in model.named_parameters() if ".net." in n]))
+    assert (weights[0] - weights[1]).abs().max() > 1e-4
+
+
+def test_strategies_share_every_other_weight_at_one_init_seed() -> None:
+    """Paired seeds: static, static_swapped, eiw and lcma differ only in their strategy modules."""
+    states = {}
+    for strategy in STRATEGIES:
+        torch.manual_seed(123)  # the global RNG must not matter
+        model = tiny_model(strategy)
+        states[strategy] = {k: v for k, v in model.state_dict().items() if ".strategy." not in k}
+        torch.manual_seed(456)
+    reference = states["static"]
+    for strategy, state in states.items():
+        assert state.keys() == reference.keys(), strategy
+        for key, value in state.items():
+            assert torch.equal(value, reference[key]), f"{strategy}: {key} differs from static"
+    other = build_flow(
+        FlowConfig(image_shape=(3, 8, 8), num_levels=2, num_steps=2, hidden_channels=8, init_seed=1)
+    )
+    assert not torch.equal(
+        other.state_dict()["levels.0.layers.1.layers.2.net.conv_in.weight"],
+        reference["levels.0.layers.1.layers.2.net.conv_in.weight"],
     )
 
 
@@ -239,9 +347,9 @@ def test_eiw_permutation_follows_parameters_until_frozen() -> None:
     order = list(range(12))
     set_channel_logits(strategy, [float(-j) for j in order])
     assert strategy.permutation().tolist() == order, "unfrozen: the current parameters decide"
-    advance(model, 2)
+    model.advance(2)
     assert not bool(strategy.frozen)
-    advance(model, 3)
+    model.advance(3)
     set_channel_logits(strategy, [float(j) for j in order])
     assert bool(strategy.frozen) and strategy.permutation().tolist() == order
     x = model.dequantize(images(2))
@@ -284,7 +392,7 @@ def test_lcma_contribution_is_the_documented_sum() -> None:
     model = tiny_model("lcma", lcma_warmup_steps=5)
     initialize_actnorm(model, images(16))
     perturb_parameters(model, scale=0.1)
-    advance(model, 0)
+    model.advance(0)
     captured = {}
     model.splits[0].register_forward_pre_hook(lambda m, args: captured.update(x=args[0].detach()))
     level = model.levels[0]
@@ -329,7 +437,7 @@ def test_lcma_measures_while_warming_up_and_stops_changing_once_frozen() -> None
     model.bits_per_dim(images(4))
     model.train()
     assert strategy.num_updates.item() == 2, "only training forwards with gradients measure"
-    advance(model, 2)
+    model.advance(2)
     state = {k: v.clone() for k, v in strategy.state_dict().items()}
     train(model, 3, first_step=2)
     assert bool(strategy.frozen)
@@ -337,47 +445,100 @@ def test_lcma_measures_while_warming_up_and_stops_changing_once_frozen() -> None
         assert torch.equal(value, state[key]), f"{key} changed after freezing"
 
 
-def test_advance_accepts_wrappers_and_rejects_other_modules() -> None:
+def test_advance_binds_idempotently_and_rejects_bad_steps() -> None:
     model = tiny_model("lcma")
-
-    class Wrapper(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.module = model
-
-    advance(Wrapper(), 0)
+    model.advance(0)
     assert all(s.strategy.is_bound for s in model.splits)
-    advance(model, 1)  # binding is idempotent
-    with pytest.raises(ValueError, match="FlowModel"):
-        advance(nn.Linear(2, 2), 0)
-    with pytest.raises(ValueError, match="step"):
-        advance(model, -1)
+    model.advance(1)  # binding is idempotent
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="step"):
+            model.advance(bad)
+
+
+def kept_set(strategy: EIWShuffleSplit) -> list[int]:
+    return sorted(strategy.permutation()[: strategy.num_keep].tolist())
+
+
+def test_hysteresis_keeps_the_kept_set_until_a_logit_wins_by_the_margin() -> None:
+    strategy = eiw_strategy(stabilizer="hysteresis", hysteresis_margin=1.0)  # kept {1, 3}
+    strategy.advance(1)
+    assert kept_set(strategy) == [1, 3]
+    set_channel_logits(strategy, [0.9, 2.0, -1.0, 0.5])  # channel 0 beats 3 by 0.4 < margin
+    strategy.advance(2)
+    assert kept_set(strategy) == [1, 3]
+    set_channel_logits(strategy, [1.6, 2.0, -1.0, 0.5])  # by 1.1 > margin
+    strategy.advance(3)
+    assert kept_set(strategy) == [0, 1]
+    assert strategy.diagnostics()["churn"] == pytest.approx(1 / 2)  # changed on 1 of 2 transitions
+
+
+def test_ema_stabiliser_follows_the_logits_slowly_and_live_form_churns() -> None:
+    ema = eiw_strategy(stabilizer="ema", ema_momentum=0.9)
+    live = eiw_strategy()
+    for strategy in (ema, live):
+        strategy.advance(1)
+        set_channel_logits(strategy, [2.5, 2.0, -1.0, 0.7])  # channel 0 now ranks first
+        strategy.advance(2)
+    assert kept_set(live) == [0, 1] and kept_set(ema) == [1, 3], "one step moves the EMA a little"
+    for step in range(3, 40):
+        ema.advance(step)
+    assert kept_set(ema) == [0, 1]
+    assert live.diagnostics()["churn"] == 1.0 and ema.diagnostics()["churn"] > 0
+
+
+def test_diagnostics_kendall_tau_entropy_and_overlap() -> None:
+    strategy = EIWShuffleSplit(4, se_reduction=2, generator_hidden=3).double()
+    set_channel_logits(strategy, [3.0, 2.0, 1.0, 0.0])
+    strategy.initial_perm.copy_(torch.tensor([0, 1, 2, 3]))
+    diag = strategy.diagnostics()
+    assert diag["kendall_tau"] == 1.0 and diag["static_overlap"] == 1.0
+    set_channel_logits(strategy, [0.0, 1.0, 2.0, 3.0])
+    diag = strategy.diagnostics()
+    assert diag["kendall_tau"] == -1.0 and diag["static_overlap"] == 0.0
+    set_channel_logits(strategy, [0.0, 0.0, 0.0, 0.0])
+    assert strategy.diagnostics()["w_entropy"] == pytest.approx(math.log(4))
+    lcma = frozen_lcma(c=4)
+    assert lcma.diagnostics()["static_overlap"] == pytest.approx((lcma.order[:2] < 2).double().mean().item())
+    model = trained("eiw", steps=3)
+    diagnostics = model.split_diagnostics()
+    assert set(diagnostics) == {
+        f"split0/{k}" for k in ("churn", "kendall_tau", "w_entropy", "static_overlap")
+    }
+    assert tiny_model("static").split_diagnostics() == {"split0/static_overlap": 1.0}
+
+
+def test_checkpoint_of_the_first_shuffle_form_fails_clearly_or_loads_with_its_options() -> None:
+    legacy = dict(generator="code", se_activation="sigmoid", se_input="aligned", se_detach=True,
+                  se_bias=True, se_reduction=4, generator_hidden=32)  # fmt: skip
+    old = tiny_model("eiw", **legacy).state_dict()
+    old = {k.replace("held_perm", "frozen_perm"): v for k, v in old.items()
+           if not k.endswith(("initial_perm", "logit_ema", "last_step"))}  # fmt: skip
+    with pytest.raises(ValueError, match="generator: code"):
+        tiny_model("eiw").load_state_dict(old)
+    tiny_model("eiw", **legacy).load_state_dict(old)
 
 
 @pytest.mark.parametrize(
     ("split", "match"),
     [
-        ({"strategy": "magic"}, "model.split: strategy"),
-        ({"sigma": -1.0}, "model.split: sigma"),
-        ({"regularizer": "l2"}, "model.split: regularizer"),
-        ({"freeze_after_steps": -3}, "model.split: freeze_after_steps"),
-        ({"se_reduction": 0}, "model.split: se_reduction"),
-        ({"generator_hidden": 0}, "model.split: generator_hidden"),
-        ({"lcma_warmup_steps": 0}, "model.split: lcma_warmup_steps"),
-        ({"lcma_factor_out": "middle"}, "model.split: lcma_factor_out"),
-        ({"lcma_momentum": 1.0}, "model.split: lcma_momentum"),
-        ({"sigma": "big"}, "model.split.sigma: expected a number"),
+        ({"strategy": "magic"}, "strategy"),
+        ({"sigma": -1.0}, "sigma"),
+        ({"sigma": math.nan}, "sigma"),
+        ({"regularizer": "l2"}, "regularizer"),
+        ({"generator": "lstm"}, "generator"),
+        ({"se_activation": "tanh"}, "se_activation"),
+        ({"se_input": "shuffled"}, "se_input"),
+        ({"stabilizer": "glue"}, "stabilizer"),
+        ({"ema_momentum": 1.0}, "ema_momentum"),
+        ({"hysteresis_margin": math.inf}, "hysteresis_margin"),
+        ({"freeze_after_steps": -3}, "freeze_after_steps"),
+        ({"se_reduction": 0}, "se_reduction"),
+        ({"generator_hidden": 0}, "generator_hidden"),
+        ({"lcma_warmup_steps": 0}, "lcma_warmup_steps"),
+        ({"lcma_factor_out": "middle"}, "lcma_factor_out"),
+        ({"lcma_momentum": 1.0}, "lcma_momentum"),
     ],
 )
 def test_split_config_validation_names_the_field(split: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        dataclass_from_dict(FlowConfig, {"split": split}, path="model")
-
-
-def test_split_config_loads_every_field() -> None:
-    fields = dict(
-        strategy="eiw", sigma=0.01, regularizer="kl", freeze_after_steps=None, se_reduction=2,
-        generator_hidden=8, lcma_warmup_steps=10, lcma_factor_out="high", lcma_momentum=0.9,
-    )  # fmt: skip
-    cfg = dataclass_from_dict(FlowConfig, {"split": fields})
-    assert cfg.split == SplitConfig(**fields)
+    with pytest.raises(ValueError, match=f"^{match}:"):
+        SplitConfig(**split)
