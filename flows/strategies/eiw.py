@@ -33,7 +33,6 @@ optimizer step) into the ``held_perm`` buffer, which is also where ``freeze`` pu
 from __future__ import annotations
 
 import math
-from collections import deque
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,9 @@ from torch import Tensor, nn
 
 from flows.strategies.base import FreezableStrategy, kept_fraction_of_first_half
 
-CHURN_WINDOW = 100  # optimizer steps over which the "kept set changed" fraction is reported
+# The churn diagnostic is an exponentially weighted share of steps whose kept set changed, over about
+# the last 1 / (1 - CHURN_MOMENTUM) = 100 optimizer steps; it lives in buffers, so it survives a resume.
+CHURN_MOMENTUM = 0.99
 
 
 class CountGenerator(nn.Module):
@@ -179,9 +180,11 @@ class EIWShuffleSplit(FreezableStrategy):
         self.register_buffer("held_perm", self.initial_perm.clone())
         self.register_buffer("logit_ema", logits)
         self.register_buffer("last_step", torch.tensor(-1))
+        self.register_buffer("last_kept", self.initial_perm[: self.num_keep].sort().values)
+        self.register_buffer("churn_ema", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("num_transitions", torch.tensor(0))
+        self.register_buffer("num_kept_changes", torch.tensor(0))
         self._last_regularization: Tensor | None = None
-        self._kept_changed: deque[bool] = deque(maxlen=CHURN_WINDOW)
-        self._last_kept: Tensor | None = None
 
     # ------------------------------------------------------------------ the permutation
     def channel_log_weights(self) -> Tensor:
@@ -250,21 +253,27 @@ class EIWShuffleSplit(FreezableStrategy):
             self.freeze()
         if not self._is_frozen and self.stabilizer != "none":
             self._stabilise()
-        kept = self.permutation()[: self.num_keep].sort().values
-        if self._last_kept is not None:
-            self._kept_changed.append(not torch.equal(kept, self._last_kept))
-        self._last_kept = kept
+        with torch.no_grad():
+            kept = self.permutation()[: self.num_keep].sort().values
+            changed = not torch.equal(kept, self.last_kept)
+            self.last_kept.copy_(kept)
+            self.churn_ema.mul_(CHURN_MOMENTUM).add_(float(changed) * (1.0 - CHURN_MOMENTUM))
+            self.num_transitions.add_(1)
+            self.num_kept_changes.add_(int(changed))
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
-        """churn: share of the last (up to 100) steps whose kept set changed; kendall_tau of the order
+        """churn: share of recent steps (about the last 100, exponentially weighted and debiased)
+        whose kept set changed; kept_changes: how often it changed in all; kendall_tau of the order
         against the initial one; w_entropy: entropy of w in nats (log C is uniform); static_overlap:
         share of the kept channels that static would keep too."""
         log_w = self.channel_log_weights()
         order = self.permutation()
-        churn = sum(self._kept_changed) / len(self._kept_changed) if self._kept_changed else 0.0
+        n = int(self.num_transitions)
+        churn = float(self.churn_ema) / (1.0 - CHURN_MOMENTUM**n) if n else 0.0
         return {
-            "churn": float(churn),
+            "churn": churn,
+            "kept_changes": float(self.num_kept_changes),
             "kendall_tau": kendall_tau(order, self.initial_perm),
             "w_entropy": float(-(log_w.exp() * log_w).sum().item()),
             "static_overlap": kept_fraction_of_first_half(order, self.num_keep),
@@ -281,6 +290,14 @@ class EIWShuffleSplit(FreezableStrategy):
             )
         if prefix + "frozen_perm" in state_dict:  # checkpoints before held_perm and the stabilisers
             state_dict[prefix + "held_perm"] = state_dict.pop(prefix + "frozen_perm")
-            for name in ("initial_perm", "logit_ema", "last_step"):
+            for name in (
+                "initial_perm",
+                "logit_ema",
+                "last_step",
+                "last_kept",
+                "churn_ema",
+                "num_transitions",
+                "num_kept_changes",
+            ):
                 state_dict.setdefault(prefix + name, getattr(self, name).clone())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)

@@ -128,6 +128,7 @@ def eiw_strategy(frozen: bool = False, **options) -> EIWShuffleSplit:
         strategy.logit_ema.copy_(strategy.generator())
         strategy.initial_perm.copy_(torch.tensor([1, 3, 0, 2]))
         strategy.held_perm.copy_(strategy.initial_perm)
+        strategy.last_kept.copy_(torch.tensor([1, 3]))
     if frozen:
         strategy.freeze()
         set_channel_logits(strategy, [3.0, 2.0, 1.0, 0.0])
@@ -469,7 +470,9 @@ def test_hysteresis_keeps_the_kept_set_until_a_logit_wins_by_the_margin() -> Non
     set_channel_logits(strategy, [1.6, 2.0, -1.0, 0.5])  # by 1.1 > margin
     strategy.advance(3)
     assert kept_set(strategy) == [0, 1]
-    assert strategy.diagnostics()["churn"] == pytest.approx(1 / 2)  # changed on 1 of 2 transitions
+    diagnostics = strategy.diagnostics()
+    assert diagnostics["kept_changes"] == 1.0
+    assert diagnostics["churn"] == pytest.approx(1 / 3, rel=0.02)  # 1 of 3 steps (debiased EMA)
 
 
 def test_ema_stabiliser_follows_the_logits_slowly_and_live_form_churns() -> None:
@@ -483,7 +486,8 @@ def test_ema_stabiliser_follows_the_logits_slowly_and_live_form_churns() -> None
     for step in range(3, 40):
         ema.advance(step)
     assert kept_set(ema) == [0, 1]
-    assert live.diagnostics()["churn"] == 1.0 and ema.diagnostics()["churn"] > 0
+    assert live.diagnostics()["kept_changes"] == 1.0 and ema.diagnostics()["kept_changes"] == 1.0
+    assert live.diagnostics()["churn"] == pytest.approx(0.5, rel=0.02)  # 1 of 2 steps
 
 
 def test_diagnostics_kendall_tau_entropy_and_overlap() -> None:
@@ -502,7 +506,7 @@ def test_diagnostics_kendall_tau_entropy_and_overlap() -> None:
     model = trained("eiw", steps=3)
     diagnostics = model.split_diagnostics()
     assert set(diagnostics) == {
-        f"split0/{k}" for k in ("churn", "kendall_tau", "w_entropy", "static_overlap")
+        f"split0/{k}" for k in ("churn", "kept_changes", "kendall_tau", "w_entropy", "static_overlap")
     }
     assert tiny_model("static").split_diagnostics() == {"split0/static_overlap": 1.0}
 
@@ -511,8 +515,9 @@ def test_checkpoint_of_the_first_shuffle_form_fails_clearly_or_loads_with_its_op
     legacy = dict(generator="code", se_activation="sigmoid", se_input="aligned", se_detach=True,
                   se_bias=True, se_reduction=4, generator_hidden=32)  # fmt: skip
     old = tiny_model("eiw", **legacy).state_dict()
-    old = {k.replace("held_perm", "frozen_perm"): v for k, v in old.items()
-           if not k.endswith(("initial_perm", "logit_ema", "last_step"))}  # fmt: skip
+    new_buffers = ("initial_perm", "logit_ema", "last_step", "last_kept", "churn_ema", "num_transitions",
+                   "num_kept_changes")  # fmt: skip
+    old = {k.replace("held_perm", "frozen_perm"): v for k, v in old.items() if not k.endswith(new_buffers)}
     with pytest.raises(ValueError, match="generator: code"):
         tiny_model("eiw").load_state_dict(old)
     tiny_model("eiw", **legacy).load_state_dict(old)
