@@ -1,7 +1,8 @@
 """`python -m data_prep <source> --input ... --output ...` and `python -m data_prep verify DIR`.
 
-User mistakes (bad paths, corrupt inputs, a mismatched output folder) surface as ValueError and
-become one `error: ...` line and exit code 2; a passing verify exits 0, a failing one 1.
+User mistakes (bad paths, corrupt inputs, a mismatched output folder) surface as ValueError, and
+the machine's complaints (disk full, an output path under a file, no permission) as OSError; both
+become one `error: ...` line and exit code 2. A passing verify exits 0, a failing one 1.
 """
 
 from __future__ import annotations
@@ -116,7 +117,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 + (f", {m['skipped_count']} skipped" if m["skipped_count"] else ""),
                 file=sys.stderr,
             )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
     return 0
+
+
+def error_line(exc: ValueError | OSError) -> str:
+    """One line naming the file: OS errors (a full disk, an output path under a file, no permission)
+    are the user's to fix, like bad input, and get the same one-line treatment, not a traceback."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+        if exc.filename2 is not None:
+            text += f" (-> {exc.filename2})"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())  # one line, whatever the message held

@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep import manifest as mf
+from data_prep import ownership
 from data_prep.images import DEFAULT_PNG_LEVEL, set_png_level
 from data_prep.writer import Sample, ShardFile, ShardRecord, Skipped, sha256_file
 
@@ -74,8 +75,6 @@ class RunOptions:
     progress: bool = True
     png_level: int = DEFAULT_PNG_LEVEL
     extra_config: dict = field(default_factory=dict)
-    # .tar files with neither manifest nor progress record: refuse (default) or delete and rebuild
-    replace_orphans: bool = False
 
     def __post_init__(self):
         if self.shard_size < 1:
@@ -105,10 +104,13 @@ def convert_split(source: SplitSource, opts: RunOptions) -> dict:
     }
     config = json.loads(json.dumps(config))  # tuples -> lists, so it compares equal to what is read back
     n_shards = math.ceil(n / opts.shard_size)
+    planned = [mf.shard_name(source.split, i) for i in range(n_shards)]
     with _locked(split_dir):
-        mf.remove_temporaries(split_dir)
+        ownership.remove_temporaries(split_dir)
+        # Checked before anything is deleted: files nobody recorded are never ours to replace.
+        ownership.refuse_unrecorded_shards(split_dir)
         _check_siblings(split_dir, config["dataset"], opts.overwrite)
-        previous, manifest_complete = _load_previous(split_dir, config, opts.overwrite, opts.replace_orphans)
+        previous, manifest_complete = _load_previous(split_dir, config, opts.overwrite)
         done = _still_valid(previous, split_dir, n_shards, opts.workers)
         pending = [i for i in range(n_shards) if i not in done]
         manifest_path = split_dir / mf.MANIFEST_NAME
@@ -116,13 +118,15 @@ def convert_split(source: SplitSource, opts: RunOptions) -> dict:
             if opts.progress:
                 print(f"{split_dir}: complete, {n_shards} shards verified; nothing to do", file=sys.stderr)
             return mf.load_json(manifest_path)
-        # From here on the split is incomplete: the manifest must not claim otherwise.
-        _write_progress(split_dir, config, done)
+        # From here on the split is incomplete: the manifest must not claim otherwise. The progress
+        # record names every planned shard first, so each file this run may write is on record.
+        record = ProgressRecord(split_dir=split_dir, config=config, planned=planned, command=opts.command)
+        record.write(done)
         manifest_path.unlink(missing_ok=True)
         for i in pending:
             (split_dir / mf.shard_name(source.split, i)).unlink(missing_ok=True)
         if pending:
-            _run(source.plan(opts.shard_size), split_dir, pending, n, opts, config, done)
+            _run(source.plan(opts.shard_size), split_dir, pending, n, opts, record, done)
         assert sorted(done) == list(range(n_shards)), "every shard must be accounted for"
         manifest = _build_manifest(source, opts, config, [done[i] for i in range(n_shards)])
         mf.write_json_atomic(manifest_path, manifest)
@@ -141,22 +145,15 @@ def _locked(split_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _wipe(split_dir: Path) -> None:
-    for p in mf.list_shard_files(split_dir):
-        p.unlink()
-    for name in (mf.MANIFEST_NAME, mf.PROGRESS_NAME):
-        (split_dir / name).unlink(missing_ok=True)
-
-
 def _check_siblings(split_dir: Path, dataset: dict, overwrite: bool) -> None:
     """Refuse to put a split of one dataset next to splits of another (with --overwrite: delete those)."""
     for sibling in sorted(p for p in split_dir.parent.iterdir() if p.is_dir() and p != split_dir):
         for name in (mf.MANIFEST_NAME, mf.PROGRESS_NAME):
             path = sibling / name
             if path.exists():
-                other = mf.load_json(path).get("config", {}).get("dataset")
+                other = mf.recorded_dataset(mf.load_json(path))
                 if other != dataset and overwrite:
-                    _wipe(sibling)
+                    ownership.remove_recorded(sibling)
                 elif other != dataset:
                     diffs = "; ".join(mf.config_differences(other or {}, dataset))
                     raise ConfigMismatch(
@@ -166,9 +163,7 @@ def _check_siblings(split_dir: Path, dataset: dict, overwrite: bool) -> None:
                 break
 
 
-def _load_previous(
-    split_dir: Path, config: dict, overwrite: bool, replace_orphans: bool
-) -> tuple[dict[int, ShardRecord], bool]:
+def _load_previous(split_dir: Path, config: dict, overwrite: bool) -> tuple[dict[int, ShardRecord], bool]:
     """Shards an earlier run of the same config finished (not yet re-hashed), and whether it completed."""
     for name, complete_key in ((mf.MANIFEST_NAME, "complete"), (mf.PROGRESS_NAME, None)):
         path = split_dir / name
@@ -176,7 +171,7 @@ def _load_previous(
             continue
         record = mf.load_json(path)
         if overwrite:
-            _wipe(split_dir)
+            ownership.remove_recorded(split_dir)
             return {}, False
         old = record.get("config")
         if old != config:
@@ -196,14 +191,6 @@ def _load_previous(
                 skipped=list(s.get("skipped", [])),
             )
         return recs, bool(complete_key and record.get(complete_key) is True)
-    if mf.list_shard_files(split_dir):
-        if overwrite or replace_orphans:
-            _wipe(split_dir)
-        else:
-            raise ValueError(
-                f"{split_dir} holds .tar files but no {mf.MANIFEST_NAME} or {mf.PROGRESS_NAME}; "
-                "refusing to mix them with new shards (use --overwrite or another --output)"
-            )
     return {}, False
 
 
@@ -223,11 +210,26 @@ def _still_valid(previous: dict[int, ShardRecord], split_dir: Path, n_shards: in
     return {r.index: r for r, h in zip(candidates, hashes, strict=True) if h == r.sha256}
 
 
-def _write_progress(split_dir: Path, config: dict, done: dict[int, ShardRecord]) -> None:
-    shards = [{"index": i, **done[i].manifest_entry()} for i in sorted(done)]
-    mf.write_json_atomic(
-        split_dir / mf.PROGRESS_NAME, {"config": config, "complete": False, "shards": shards}
-    )
+@dataclass(frozen=True, kw_only=True)
+class ProgressRecord:
+    """progress.json of an unfinished conversion: its config, the shard files it will write
+    (`planned`, what lets a later run delete them), those finished, and the command to resume it."""
+
+    split_dir: Path
+    config: dict
+    planned: list[str]
+    command: tuple[str, ...]
+
+    def write(self, done: dict[int, ShardRecord]) -> None:
+        shards = [{"index": i, **done[i].manifest_entry()} for i in sorted(done)]
+        record = {
+            "config": self.config,
+            "complete": False,
+            "planned": self.planned,
+            "shards": shards,
+            "command": list(self.command),
+        }
+        mf.write_json_atomic(self.split_dir / mf.PROGRESS_NAME, record)
 
 
 def _chunks(pending: list[int], workers: int) -> list[list[int]]:
@@ -280,7 +282,7 @@ def _run_chunk(
     return records
 
 
-def _run(source, split_dir, pending, n, opts, config, done) -> None:
+def _run(source, split_dir, pending, n, opts, record: ProgressRecord, done) -> None:
     global _report
     total = sum(min((i + 1) * opts.shard_size, n) - i * opts.shard_size for i in pending)
     desc = f"{source.dataset_config().get('source')} {source.split}"
@@ -292,7 +294,7 @@ def _run(source, split_dir, pending, n, opts, config, done) -> None:
             bar.update(value)
         elif value.index not in done:
             done[value.index] = value
-            _write_progress(split_dir, config, done)
+            record.write(done)
 
     chunks = _chunks(pending, opts.workers)
     try:

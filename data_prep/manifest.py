@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ REQUIRED_KEYS = (
     "total",
     "complete",
 )
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -38,12 +41,18 @@ def shard_name(split: str, index: int) -> str:
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write to a temporary sibling, fsync, rename: readers see the old or the new file, never half."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc  # a full disk names no file
 
 
 def load_json(path: Path) -> dict:
@@ -66,10 +75,13 @@ def load_json(path: Path) -> dict:
 def read_manifest(split_dir: str | os.PathLike) -> dict:
     """Load and validate `split_dir/manifest.json` of a finished conversion.
 
-    Raises ValueError naming the file when it is missing, not JSON, lacks a required key, is not
-    marked complete, or its shard list does not add up.
+    Raises ValueError naming the file and key when it is missing (saying so, with the command to
+    resume, when `progress.json` shows an unfinished conversion), not JSON, lacks a required key,
+    holds a value of the wrong type, is not marked complete, or its shard list does not add up.
     """
     path = Path(split_dir) / MANIFEST_NAME
+    if not path.exists() and (Path(split_dir) / PROGRESS_NAME).exists():
+        raise ValueError(unfinished_conversion(Path(split_dir)))
     m = load_json(path)
     missing = [k for k in REQUIRED_KEYS if k not in m]
     if missing:
@@ -79,19 +91,68 @@ def read_manifest(split_dir: str | os.PathLike) -> dict:
     shards = m["shards"]
     if not isinstance(shards, list) or not shards:
         raise ValueError(f"{path}: 'shards' must be a non-empty list")
-    for s in shards:
+    for i, s in enumerate(shards):
         if not isinstance(s, dict) or not {"name", "count", "sha256"} <= s.keys():
-            raise ValueError(f"{path}: malformed shard entry {s!r}")
-        if "/" in s["name"] or s["name"].startswith("."):
-            raise ValueError(f"{path}: shard name {s['name']!r} must be a plain file name")
+            raise ValueError(f"{path}: shards[{i}] must have name, count and sha256, got {_short(s)}")
+        name = s["name"]
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise ValueError(f"{path}: shards[{i}].name {_short(name)} must be a plain file name")
+        _require_count(path, f"shards[{i}].count", s["count"])
+        if not (isinstance(s["sha256"], str) and _SHA256.fullmatch(s["sha256"])):
+            raise ValueError(f"{path}: shards[{i}].sha256 must be 64 hex digits, got {_short(s['sha256'])}")
+    _require_count(path, "total", m["total"])
     if sum(s["count"] for s in shards) != m["total"]:
         raise ValueError(
             f"{path}: shard counts sum to {sum(s['count'] for s in shards)}, total says {m['total']}"
         )
     res = m["resolution"]
-    if not (isinstance(res, list) and len(res) == 2 and all(isinstance(v, int) and v > 0 for v in res)):
-        raise ValueError(f"{path}: 'resolution' must be [H, W], got {res!r}")
+    if not (isinstance(res, list) and len(res) == 2 and all(_is_int(v) and v > 0 for v in res)):
+        raise ValueError(f"{path}: 'resolution' must be [H, W], got {_short(res)}")
+    if not (_is_int(m["channels"]) and m["channels"] in (1, 3)):
+        raise ValueError(f"{path}: 'channels' must be 1 or 3, got {_short(m['channels'])}")
+    if "num_classes" in m and not (_is_int(m["num_classes"]) and m["num_classes"] > 0):
+        raise ValueError(f"{path}: 'num_classes' must be a positive integer, got {_short(m['num_classes'])}")
     return m
+
+
+def unfinished_conversion(split_dir: Path) -> str:
+    """What to tell someone who points a reader at a split whose conversion never finished."""
+    progress = split_dir / PROGRESS_NAME
+    record = load_json(progress)
+    shards, planned = record.get("shards"), record.get("planned")
+    done = (
+        f"{len(shards)} of {len(planned)}"
+        if isinstance(shards, list) and isinstance(planned, list)
+        else "some"
+    )
+    command = record.get("command")
+    how = (
+        f"re-run `{shlex.join(command)}` to resume it"
+        if isinstance(command, list) and command and all(isinstance(c, str) for c in command)
+        else "re-run the same data_prep command to resume it"
+    )
+    return (
+        f"{split_dir}: unfinished conversion ({PROGRESS_NAME} records {done} shards done, no "
+        f"{MANIFEST_NAME} yet); {how}: finished shards are kept"
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require_count(path: Path, key: str, value: Any) -> None:
+    # JSON strings and floats compare and add up wrongly later; say which key is off, here.
+    if not (_is_int(value) and value >= 0):
+        raise ValueError(f"{path}: {key} must be a non-negative integer, got {_short(value)}")
+
+
+def recorded_dataset(record: dict) -> dict | None:
+    """The `config.dataset` of a manifest or progress record (what makes two outputs the same
+    dataset), or None when the record has none."""
+    config = record.get("config")
+    dataset = config.get("dataset") if isinstance(config, dict) else None
+    return dataset if isinstance(dataset, dict) else None
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
@@ -110,9 +171,3 @@ def _short(value: Any, limit: int = 120) -> str:
 
 def list_shard_files(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.glob("*.tar") if p.is_file())
-
-
-def remove_temporaries(split_dir: Path) -> None:
-    """Delete leftovers of an interrupted run (never complete, so never worth keeping)."""
-    for p in split_dir.glob(f"{TMP_PREFIX}*"):
-        p.unlink(missing_ok=True)

@@ -2,7 +2,9 @@
 
 Checks per split: manifest valid and complete; no unlisted .tar files; per shard: file present,
 sha256 as recorded, tar readable to the end, sample count as recorded, every sample has a `png` that
-decodes to the manifest's resolution and channels, `cls` (if any) an integer, keys unique in the split.
+decodes to the manifest's resolution and channels, `cls` (if any) an integer in 0..num_classes-1,
+keys unique in the split. A split whose conversion never finished is reported as such, with the
+command that resumes it.
 """
 
 from __future__ import annotations
@@ -34,19 +36,21 @@ class Problem:
 
 
 def split_dirs(path: Path) -> list[Path]:
-    if (path / mf.MANIFEST_NAME).exists():
-        return [path]
+    """`path` itself when it looks like a split folder (finished, unfinished or orphaned shards),
+    else its subfolders that do."""
     if not path.is_dir():
         raise ValueError(f"{path}: no such directory")
-    found = sorted(
-        p
-        for p in path.iterdir()
-        if p.is_dir()
-        and (any((p / n).exists() for n in (mf.MANIFEST_NAME, mf.PROGRESS_NAME)) or mf.list_shard_files(p))
-    )
+    if _looks_like_split(path):
+        return [path]
+    found = sorted(p for p in path.iterdir() if p.is_dir() and _looks_like_split(p))
     if not found:
         raise ValueError(f"{path}: no {mf.MANIFEST_NAME} here or in its subfolders")
     return found
+
+
+def _looks_like_split(path: Path) -> bool:
+    records = any((path / n).exists() for n in (mf.MANIFEST_NAME, mf.PROGRESS_NAME))
+    return records or bool(mf.list_shard_files(path))
 
 
 def verify_path(path: str | Path, *, workers: int = 1) -> list[Problem]:
@@ -70,7 +74,8 @@ def verify_split(split_dir: Path, *, workers: int = 1) -> list[Problem]:
                 Problem(split_dir=sd, shard=extra.name, key=None, message="not listed in the manifest")
             )
     h, w = m["resolution"]
-    jobs = [(split_dir, s, h, w, m["channels"]) for s in m["shards"]]
+    classes = _num_classes(m)
+    jobs = [(split_dir, s, h, w, m["channels"], classes) for s in m["shards"]]
     if workers > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
             results = pool.starmap(verify_shard, jobs)
@@ -88,8 +93,16 @@ def verify_split(split_dir: Path, *, workers: int = 1) -> list[Problem]:
     return problems
 
 
+def _num_classes(m: dict) -> int | None:
+    """How many labels the split's release has (`num_classes`, else the `classes` list), if known."""
+    if "num_classes" in m:
+        return m["num_classes"]
+    classes = m.get("classes")
+    return len(classes) if isinstance(classes, list) and classes else None
+
+
 def verify_shard(
-    split_dir: Path, entry: dict, h: int, w: int, channels: int
+    split_dir: Path, entry: dict, h: int, w: int, channels: int, num_classes: int | None = None
 ) -> tuple[list[Problem], list[str]]:
     name, sd = entry["name"], str(split_dir)
     path = split_dir / name
@@ -126,11 +139,13 @@ def verify_shard(
     if len(order) != entry["count"]:
         problems.append(problem(f"{len(order)} samples, manifest says {entry['count']}"))
     for key in order:
-        problems += [problem(msg, key) for msg in _check_sample(samples[key], h, w, channels)]
+        problems += [problem(msg, key) for msg in _check_sample(samples[key], h, w, channels, num_classes)]
     return problems, order
 
 
-def _check_sample(sample: dict[str, bytes], h: int, w: int, channels: int) -> list[str]:
+def _check_sample(
+    sample: dict[str, bytes], h: int, w: int, channels: int, num_classes: int | None = None
+) -> list[str]:
     out = []
     if "png" not in sample:
         return [f"no png (has {sorted(sample)})"]
@@ -148,9 +163,12 @@ def _check_sample(sample: dict[str, bytes], h: int, w: int, channels: int) -> li
         out.append(f"png does not decode ({type(exc).__name__}: {exc})")
     if "cls" in sample:
         try:
-            int(sample["cls"].decode("ascii"))
+            label = int(sample["cls"].decode("ascii"))
         except (UnicodeDecodeError, ValueError):
             out.append(f"cls {sample['cls'][:20]!r} is not an integer")
+        else:
+            if num_classes is not None and not 0 <= label < num_classes:
+                out.append(f"cls {label} outside 0..{num_classes - 1} (manifest num_classes {num_classes})")
     return out
 
 

@@ -92,6 +92,10 @@ class ShardFile:
         self._keys: set[str] = set()
 
     def add(self, sample: Sample) -> None:
+        with naming_os_errors(self.final_path):
+            self._add(sample)
+
+    def _add(self, sample: Sample) -> None:
         if sample.key in self._keys:
             raise ValueError(f"duplicate key {sample.key!r} in {self.final_path.name}")
         assert "." not in sample.key and "/" not in sample.key, sample.key
@@ -111,11 +115,12 @@ class ShardFile:
         self.skipped.append(item.key)
 
     def finish(self) -> ShardRecord:
-        self._tar.close()  # writes the end-of-archive blocks through the hashing wrapper
-        self._raw.flush()
-        os.fsync(self._raw.fileno())
-        self._raw.close()
-        os.replace(self.tmp_path, self.final_path)
+        with naming_os_errors(self.final_path):
+            self._tar.close()  # writes the end-of-archive blocks through the hashing wrapper
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+            self._raw.close()
+            os.replace(self.tmp_path, self.final_path)
         return ShardRecord(
             index=self.index,
             name=self.final_path.name,
@@ -132,6 +137,18 @@ class ShardFile:
             self._raw.close()
         finally:
             self.tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def naming_os_errors(path: Path):
+    """Give an OSError that names no file (a write() on a full disk does not) the file it was about,
+    so the one-line error a user sees says where the disk filled up."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -2,7 +2,9 @@
 
 Each batch is a pickle of a dict with b"data" (10000 x 3072 uint8, planar: 1024 R, 1024 G, 1024 B,
 row-major 32x32) and b"labels" (0..9). Labels are already 0-based (label_offset 0). --input may be
-the `cifar-10-batches-py` folder or its parent.
+the `cifar-10-batches-py` folder or its parent. Batches are read with a restricted unpickler
+(data_prep/restricted_pickle.py): a file that names any callable beyond numpy's array rebuilders
+is refused before anything in it runs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import numpy as np
 
 from data_prep.convert import SplitSource
 from data_prep.images import encode_png
+from data_prep.labels import integer_labels
+from data_prep.restricted_pickle import load_data_pickle
 from data_prep.sources import Source
 from data_prep.writer import Sample
 
@@ -43,22 +47,24 @@ class BatchFile:
 def load_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(data (N, 32, 32, 3) uint8, labels (N,) int64); ValueError naming the file on any defect."""
     try:
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+        # Never pickle.load: a batch file is data from the internet, and a pickle can name any
+        # callable. The restricted unpickler rebuilds numpy arrays and refuses everything else.
+        d = load_data_pickle(path, encoding="bytes")
     except FileNotFoundError:
         raise ValueError(f"missing {path}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path}: not a CIFAR-10 batch we can read safely ({exc})") from exc
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         raise ValueError(f"{path}: not a readable CIFAR-10 batch, truncated or corrupt ({exc})") from exc
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
         raise ValueError(f"{path}: expected a dict with b'data' and b'labels'")
-    data = np.asarray(d[b"data"])
-    labels = np.asarray(d[b"labels"], dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != WIDTH:
-        raise ValueError(f"{path}: b'data' must be N x {WIDTH} uint8, got {data.dtype} {data.shape}")
+    data = d[b"data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != WIDTH:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"{path}: b'data' must be an N x {WIDTH} uint8 array, got {got}")
+    labels = integer_labels(d[b"labels"], low=0, high=len(CLASSES) - 1, where=f"{path}: b'labels'")
     if len(labels) != len(data):
         raise ValueError(f"{path}: {len(labels)} labels for {len(data)} images")
-    if len(labels) and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"{path}: labels outside 0..9")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from data_prep.convert import SplitSource
 from data_prep.images import encode_png
+from data_prep.labels import integer_labels
 from data_prep.sources import Source
 from data_prep.writer import Sample
 
@@ -30,6 +31,7 @@ KNOWN_RESOLUTIONS = (8, 16, 32, 64)
 N_TRAIN_BATCHES = 10
 BLOCK_ROWS = 512
 LABEL_OFFSET = -1
+NUM_CLASSES = 1000  # every downsampled ImageNet release keeps the 1000 ILSVRC-2012 classes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,16 +121,21 @@ def _npy_header(f, path: Path):
 
 
 def read_labels(path: Path, rows: int) -> np.ndarray:
+    """The release's labels (1..1000), checked; ValueError naming the file, value and row otherwise."""
     try:
-        with np.load(path) as z:
-            labels = np.asarray(z["labels"]).reshape(-1).astype(np.int64)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        with np.load(path) as z:  # allow_pickle stays False: an object array is refused, not run
+            raw = np.asarray(z["labels"])
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
         raise ValueError(f"{path}: cannot read 'labels' ({exc})") from exc
-    if len(labels) != rows:
-        raise ValueError(f"{path}: {len(labels)} labels for {rows} images")
-    if rows and labels.min() < 1:
-        raise ValueError(f"{path}: labels must be 1-based (min is {labels.min()}); is this the npz release?")
-    return labels
+    if raw.size != rows:
+        raise ValueError(f"{path}: {raw.size} labels for {rows} images")
+    try:
+        return integer_labels(raw, low=1, high=NUM_CLASSES, where=f"{path}: 'labels'")
+    except ValueError as exc:
+        raise ValueError(
+            f"{exc}; the npz release's labels are 1-based class numbers 1..{NUM_CLASSES} "
+            "(is this the npz release?)"
+        ) from None
 
 
 def _inspect(root: Path, paths: list[Path], resolution: int | None) -> tuple[list[NpzFile], int]:
@@ -170,7 +177,7 @@ class ImagenetSplit(SplitSource):
             "resolution": [self.resolution, self.resolution],
             "channels": 3,
             "label_offset": LABEL_OFFSET,
-            "num_classes": 1000,
+            "num_classes": NUM_CLASSES,
             "source_split": "val" if self.split == "test" else "train",
             "notes": "cls = source label + label_offset: the npz labels are 1..1000, stored 0-based. "
             "Pixels are the npz rows reshaped (3, R, R) -> HWC, unchanged.",

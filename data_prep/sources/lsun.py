@@ -15,6 +15,7 @@ a decodable image of an unexpected mode stops the conversion.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from collections.abc import Iterator
@@ -66,6 +67,15 @@ def open_env(path: Path) -> lmdb.Environment:
         except lmdb.Error as exc:
             raise ValueError(f"{path}: cannot open as lmdb ({exc})") from exc
     return _envs[key]
+
+
+@contextlib.contextmanager
+def reading(path: Path):
+    """A damaged lmdb (lmdb.CorruptedError, ...) is bad input: a ValueError naming it, not a traceback."""
+    try:
+        yield
+    except lmdb.Error as exc:
+        raise ValueError(f"{path}: cannot read lmdb ({type(exc).__name__}: {exc})") from exc
 
 
 def close_envs() -> None:
@@ -143,7 +153,7 @@ class LsunSplit(SplitSource):
         """Scan keys once (no values) to find the key at every shard start."""
         starts, pos = [], 0
         for d, db in enumerate(self.dbs):
-            with open_env(db.path).begin() as txn:
+            with reading(db.path), open_env(db.path).begin() as txn:
                 for i, key in enumerate(txn.cursor().iternext(keys=True, values=False)):
                     if (pos + i) % shard_size == 0:
                         starts.append((pos + i, d, bytes(key)))
@@ -158,7 +168,7 @@ class LsunSplit(SplitSource):
         remaining = stop - start
         while remaining > 0:
             db = self.dbs[d]
-            with open_env(db.path).begin() as txn:
+            with reading(db.path), open_env(db.path).begin() as txn:
                 cur = txn.cursor()
                 ok = cur.set_key(first_key) if first_key is not None else cur.first()
                 assert ok, f"{db.path}: key vanished since the scan"

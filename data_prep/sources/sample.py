@@ -27,7 +27,8 @@ from PIL import Image
 
 from data_prep.convert import ConfigMismatch, RunOptions, SplitSource, convert_split
 from data_prep.images import DEFAULT_PNG_LEVEL, RESAMPLE, encode_png, open_file, to_array, to_rgb
-from data_prep.manifest import MANIFEST_NAME, PROGRESS_NAME, load_json
+from data_prep.manifest import MANIFEST_NAME, PROGRESS_NAME, load_json, recorded_dataset
+from data_prep.ownership import foreign_entries, name_list
 from data_prep.sources import Source
 from data_prep.writer import Sample
 
@@ -56,6 +57,7 @@ SCALES = (2, 4)
 RESOLUTIONS = (32, 64)
 DEFAULT_COUNTS = {"train": 4000, "test": 500}
 DEFAULT_SHARD_SIZE = 1000
+SAMPLE_LOCK_NAME = ".sample.lock"  # serialises concurrent builders of one folder
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,10 +187,12 @@ def ensure_sample_shards(
     """Build the sample set into `out_dir/{train,test}/` unless a valid identical build is there.
 
     Valid means: complete manifests for this exact config and every shard's sha256 matching.
-    Missing or corrupt shards (and shards whose manifest was lost) are rebuilt; a sample build with
-    other settings is replaced (it is derived data); a folder holding shards of another dataset is
-    a ValueError, never touched. Safe to call from several processes at once. Returns the folder
-    holding `train/` and `test/`.
+    Missing or corrupt shards that a sample manifest or progress record names are rebuilt; a sample
+    build with other settings is replaced (it is derived data). Anything else in `out_dir`, such as
+    shards with no manifest, files of the user's, or shards of another dataset, is a ValueError
+    naming the folder, and nothing is touched: the training pipeline calls this with `data.root`,
+    which may point at a folder that holds real data. Safe to call from several processes at once.
+    Returns the folder holding `train/` and `test/`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,9 +209,9 @@ def ensure_sample_shards(
         command=command,
         progress=progress,
         png_level=png_level,
-        replace_orphans=True,  # a sample split that lost its manifest is rebuilt, not an error
     )
-    with _locked(out / ".sample.lock"):
+    with _locked(out / SAMPLE_LOCK_NAME):
+        refuse_foreign_content(out)
         for source in sample_sources(opts):
             try:
                 convert_split(source, run)
@@ -221,12 +225,38 @@ def ensure_sample_shards(
     return out
 
 
+def refuse_foreign_content(out: Path) -> None:
+    """ValueError naming the folder unless `out` holds nothing but (parts of) data_prep builds."""
+    splits = {"train", "test"}
+    foreign = sorted(
+        p.name for p in out.iterdir() if p.name != SAMPLE_LOCK_NAME and not (p.name in splits and p.is_dir())
+    )
+    if foreign:
+        raise ValueError(
+            f"{out} holds {name_list(foreign)} besides train/ and test/; the sample set is built only "
+            "into an empty folder or over its own earlier build: choose another folder (data.root "
+            "for training)"
+        )
+    for split in sorted(splits):
+        split_dir = out / split
+        if not split_dir.is_dir():
+            continue
+        foreign = foreign_entries(split_dir)
+        if foreign:
+            raise ValueError(
+                f"{split_dir} holds files that no {MANIFEST_NAME} or {PROGRESS_NAME} names "
+                f"({name_list(foreign)}); the sample set never deletes or writes next to files it "
+                f"did not record: choose another folder (data.root for training), or, if they are "
+                f"a sample build whose {MANIFEST_NAME} was lost, delete {split_dir} yourself"
+            )
+
+
 def _holds_only_sample_builds(out: Path) -> bool:
     records = [p / n for p in out.iterdir() if p.is_dir() for n in (MANIFEST_NAME, PROGRESS_NAME)]
     for path in records:
         if path.exists():
             try:
-                source = load_json(path).get("config", {}).get("dataset", {}).get("source")
+                source = (recorded_dataset(load_json(path)) or {}).get("source")
             except ValueError:
                 return False
             if source != "sample":

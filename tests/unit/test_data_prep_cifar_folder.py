@@ -217,3 +217,72 @@ def test_folder_bad_image_names_file(tmp_path, capsys, bad):
     err = capsys.readouterr().err
     assert code == 2 and "zz_bad" in err, err
     assert not (tmp_path / "out" / "train" / "manifest.json").exists()
+
+
+class _Payload:
+    """Unpickling this runs `exec(code)`: what a booby-trapped dataset file would carry."""
+
+    def __init__(self, code: str):
+        self.code = code
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+@pytest.mark.parametrize("where", ["whole file", "inside the dict"])
+def test_cifar10_pickle_payload_never_runs(tmp_path, capsys, where):
+    folder, _ = make_cifar(tmp_path / "in", n=2)
+    marker = tmp_path / "payload-ran"
+    payload = _Payload(f"open({str(marker)!r}, 'w').write('ran')")
+    obj = payload if where == "whole file" else {b"data": payload, b"labels": [0, 1]}
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+    code = main(["cifar10", "--input", str(folder), "--output", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert not marker.exists(), "the pickle's payload ran"
+    # protocol 2 names Python 2's module for builtins (__builtin__), as the official files would
+    assert code == 2 and "data_batch_2" in err and "refusing to load __builtin__.exec" in err, err
+    assert not list((tmp_path / "out").rglob("manifest.json"))
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_cifar10_batches_of_every_pickle_protocol_load(tmp_path, protocol):
+    """The restricted unpickler admits what numpy arrays need under every protocol (the official
+    files are Python 2 pickles, protocol 2; re-exports may use any)."""
+    from data_prep.sources.cifar10 import load_batch
+
+    rng = np.random.default_rng(protocol)
+    data = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+    path = tmp_path / "data_batch_1"
+    with open(path, "wb") as f:
+        pickle.dump({b"data": data, b"labels": [7, 0, 9], b"filenames": [b"a.png"] * 3}, f, protocol=protocol)
+    images, labels = load_batch(path)
+    np.testing.assert_array_equal(images, data.reshape(3, 3, 32, 32).transpose(0, 2, 3, 1))
+    assert labels.tolist() == [7, 0, 9]
+    load_batch.cache_clear()
+
+
+def test_cifar10_python2_module_names_load(tmp_path):
+    """Files written by numpy 1 name numpy.core.multiarray (numpy 2 renamed it numpy._core)."""
+    from data_prep.sources.cifar10 import load_batch
+
+    data = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
+    raw = pickle.dumps({b"data": data, b"labels": [1, 2]}, protocol=2)
+    assert b"cnumpy._core.multiarray\n_reconstruct\n" in raw  # GLOBAL opcode: newline-terminated text
+    path = tmp_path / "test_batch"
+    path.write_bytes(raw.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
+    images, labels = load_batch(path)
+    assert images.shape == (2, 32, 32, 3) and labels.tolist() == [1, 2]
+    load_batch.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "labels, message", [([0, 10], "label 10 at row 1 is outside 0..9"), ([0, 1.5], "1.5")]
+)
+def test_cifar10_bad_labels_name_file_and_value(tmp_path, capsys, labels, message):
+    folder, _ = make_cifar(tmp_path / "in", n=2)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, f)
+    code = main(["cifar10", "--input", str(folder), "--output", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "test_batch" in err and message in err, err

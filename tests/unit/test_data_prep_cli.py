@@ -62,3 +62,12 @@ def test_the_cli_dispatches_through_the_table(monkeypatch, tmp_path):
     code = main(["fake", "--output", str(tmp_path / "o"), "--colour", "blue"])
     assert code == 2 and len(seen) == 1
     assert seen[0].colour == "blue" and seen[0].shard_size == 7 and seen[0].command == "fake"
+
+
+def test_an_output_path_under_a_file_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "out"
+    code = main(["sample", "--n-train", "20", "--n-test", "10", "--output", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert str(tmp_path / "file") in err and "Not a directory" in err

@@ -176,3 +176,50 @@ def test_two_workers_write_the_same_bytes(release, tmp_path):
         assert main([*args, "--shard-size", "16", "--workers", workers, "--no-progress"]) == 0
         outs.append({p.name: p.read_bytes() for p in (out / "train").glob("*.tar")})
     assert outs[0] == outs[1] and len(outs[0]) == 5
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (np.array([5, 5000]), "label 5000 at row 1 is outside 1..1000"),
+        (np.array([1.7, 3.0]), "label 1.7 at row 0 is not a whole number"),
+    ],
+)
+def test_labels_outside_the_release_are_refused(tmp_path, capsys, labels, message):
+    """5000 used to be stored as 4999 next to `num_classes: 1000`, 1.7 as 0; verify said OK."""
+    root = tmp_path / "in"
+    make_release(root, rows=2, val_rows=2)
+    np.savez(root / "Imagenet64_val_npz" / "val_data.npz", data=np.zeros((2, 12288), np.uint8), labels=labels)
+    out = tmp_path / "o"
+    code = main(["imagenet", "--input", str(root), "--output", str(out), "--splits", "test", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "val_data.npz" in err and message in err, err
+    assert err.count("\n") == 1 and not list(out.rglob("manifest.json"))
+
+
+def test_verify_flags_labels_outside_num_classes(release, tmp_path, capsys):
+    """Shards written with a label past the manifest's num_classes are a finding of verify."""
+    import hashlib
+    import tarfile
+
+    root, _ = release
+    out = tmp_path / "out"
+    args = ["imagenet", "--input", str(root), "--output", str(out), "--splits", "test", "--no-progress"]
+    assert main(args) == 0
+    split = out / "test"
+    manifest = json.loads((split / "manifest.json").read_text())
+    shard = split / manifest["shards"][0]["name"]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for member, data in members:
+            if member.name.endswith(".cls") and member.name.startswith("val_data_0000003"):
+                data = b"4999"
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    manifest["shards"][0]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (split / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["verify", str(split)]) == 1
+    report = capsys.readouterr().out
+    assert "val_data_0000003: cls 4999 outside 0..999 (manifest num_classes 1000)" in report

@@ -216,3 +216,77 @@ def test_png_level_changes_bytes_not_pixels(reference, tmp_path, capsys):
     assert json.loads((out / "test" / "manifest.json").read_text())["png_level"] == 6
     assert main([*ARGS, "--output", str(out), "--splits", "test", "--workers", "1"]) == 2
     assert "png_level" in capsys.readouterr().err
+
+
+def test_overwrite_deletes_only_shards_a_record_names(reference, tmp_path, capsys):
+    """`--overwrite` replaces our shards; an unrelated OUT/train/mine.tar is never deleted."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    (out / "train" / "mine.tar").write_bytes(b"a user's archive")
+    before = snapshot(out / "train")
+    code = main([*ARGS, "--output", str(out), "--seed", "1", "--workers", "1", "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert str(out / "train") in err and "mine.tar" in err and "another --output" in err
+    assert snapshot(out / "train") == before  # refused before anything was deleted
+    # moved away, the overwrite goes ahead; a sibling split of another dataset loses only its shards
+    (out / "train" / "mine.tar").rename(tmp_path / "mine.tar")
+    (out / "test" / "mine.tar").write_bytes(b"another archive")
+    code = main([*ARGS, "--output", str(out), "--resolution", "64", "--splits", "train", "--overwrite"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (out / "test").iterdir()) == [".lock", "mine.tar"]
+    assert (out / "test" / "mine.tar").read_bytes() == b"another archive"
+
+
+def test_verify_names_a_manifest_key_of_the_wrong_type(reference, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    path = out / "train" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["shards"][1]["count"] = str(m["shards"][1]["count"])
+    path.write_text(json.dumps(m))
+    assert main(["verify", str(out), "--workers", "1"]) == 1
+    report = capsys.readouterr().out
+    assert f'{path}: shards[1].count must be a non-negative integer, got "64"' in report
+    assert "Traceback" not in report
+
+
+def test_interrupted_conversion_disk_full_then_verify_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    """A real interruption: the disk fills up while the third shard is written (workers=1 runs inline)."""
+    import errno
+
+    from data_prep import writer
+
+    real_write = writer._HashingFile.write
+    shard_files = []
+
+    def write_until_disk_full(self, data):
+        if not getattr(self, "counted", False):
+            self.counted = True
+            shard_files.append(self)
+        if len(shard_files) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")  # as write() raises it: no file name
+        return real_write(self, data)
+
+    monkeypatch.setattr(writer._HashingFile, "write", write_until_disk_full)
+    out = tmp_path / "out"
+    command = [*ARGS, "--output", str(out), "--workers", "1", "--splits", "train"]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {out / 'train' / 'train-000002.tar'}: No space left on device\n"
+    assert not list((out / "train").glob(".tmp-*")) and not (out / "train" / "manifest.json").exists()
+
+    assert main(["verify", str(out / "train")]) == 1
+    report = capsys.readouterr().out
+    assert "unfinished conversion (progress.json records 2 of 5 shards done" in report
+    assert f"re-run `python -m data_prep {' '.join(command)}` to resume it" in report
+    assert main(["verify", str(out)]) == 1  # from the parent folder too
+    assert "unfinished conversion" in capsys.readouterr().out
+
+    monkeypatch.setattr(writer._HashingFile, "write", real_write)
+    assert main(command) == 0
+    assert main(["verify", str(out)]) == 0

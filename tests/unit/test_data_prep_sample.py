@@ -72,9 +72,16 @@ def test_invalid_build_repaired_other_settings_replaced_other_dataset_refused(tm
     out = ensure_sample_shards(tmp_path / "s", n_train=200, n_test=50, shard_size=100)
     good = (out / "train" / "train-000001.tar").read_bytes()
     (out / "train" / "train-000001.tar").write_bytes(good[:5000])
-    (out / "test" / "manifest.json").unlink()
     ensure_sample_shards(tmp_path / "s", n_train=200, n_test=50, shard_size=100)
     assert (out / "train" / "train-000001.tar").read_bytes() == good
+    # a shard whose manifest was lost is no longer provably ours: refused, kept, and the user decides
+    lost = (out / "test" / "test-000000.tar").read_bytes()
+    (out / "test" / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"/s/test holds files that no manifest\.json .*test-000000\.tar"):
+        ensure_sample_shards(tmp_path / "s", n_train=200, n_test=50, shard_size=100)
+    assert (out / "test" / "test-000000.tar").read_bytes() == lost
+    (out / "test" / "test-000000.tar").unlink()
+    ensure_sample_shards(tmp_path / "s", n_train=200, n_test=50, shard_size=100)
     assert json.loads((out / "test" / "manifest.json").read_text())["complete"] is True
     # other settings: the sample set is derived data, so it is rebuilt ...
     ensure_sample_shards(tmp_path / "s", 64, n_train=200, n_test=50, shard_size=100)
@@ -86,3 +93,39 @@ def test_invalid_build_repaired_other_settings_replaced_other_dataset_refused(tm
     with pytest.raises(ValueError, match="another dataset"):
         ensure_sample_shards(tmp_path / "s", 32, n_train=200, n_test=50, shard_size=100)
     assert json.loads((out / "test" / "manifest.json").read_text())["source"] == "cifar10"
+
+
+def test_foreign_tar_survives_the_sample_builder_as_the_pipeline_calls_it(tmp_path):
+    """`pipeline.train --config configs/tiny.yaml data.root=DIR` with `data.source: sample` calls
+    ensure_sample_shards(DIR, resolution=..., seed=..., n_train=..., n_test=..., shard_size=...).
+    DIR/train holds .tar files but no manifest (a conversion whose manifest was lost): the builder
+    must refuse, naming the folder, and leave every byte where it was."""
+    root = tmp_path / "imagenet64"
+    (root / "train").mkdir(parents=True)
+    theirs = {
+        "train-000000.tar": b"shard of a real conversion" * 100,
+        "mine.tar": b"a user's own archive",
+    }
+    for name, data in theirs.items():
+        (root / "train" / name).write_bytes(data)
+    with pytest.raises(ValueError) as info:
+        ensure_sample_shards(root, resolution=32, seed=0, n_train=20, n_test=10, shard_size=10)
+    message = str(info.value)
+    assert str(root / "train") in message and "mine.tar" in message and "another folder" in message
+    assert {p.name: p.read_bytes() for p in (root / "train").glob("*.tar")} == theirs
+    assert not list(root.rglob("manifest.json")) and not (root / "test").exists()
+
+
+def test_sample_builder_refuses_a_folder_holding_anything_else(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds notes\.txt besides train/ and test/"):
+        ensure_sample_shards(root, n_train=20, n_test=10, shard_size=10)
+    assert sorted(p.name for p in root.iterdir()) == [".sample.lock", "notes.txt"]
+    # a stray file inside a split of an earlier sample build: refused as well, and kept
+    out = ensure_sample_shards(tmp_path / "s", n_train=20, n_test=10, shard_size=10)
+    (out / "test" / "results.csv").write_text("1,2")
+    with pytest.raises(ValueError, match=r"results\.csv"):
+        ensure_sample_shards(out, n_train=20, n_test=10, shard_size=10)
+    assert (out / "test" / "results.csv").read_text() == "1,2"
