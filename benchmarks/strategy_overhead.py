@@ -3,10 +3,12 @@
     python benchmarks/strategy_overhead.py [--device cpu|cuda] [--levels 3 --steps 8 --hidden 128 --batch 16]
 
 All variants are the same Glow (L levels of K steps, same width, same images); only the split strategy
-differs. One training step is what the training loop does: ``flows.strategies.advance``, dequantize,
+differs. One training step is what the training loop does: ``model.advance``, dequantize,
 forward, loss = bits/dim + sigma * regularization(), backward, Adam step. Variants:
-- static: Glow's split (the reference);
-- eiw: the Shuffle split, unfrozen (the permutation is recomputed from the generator every step);
+- static: Glow's split (the reference); static-again: a second, identical static model (noise floor);
+- eiw: the authors' Shuffle, unfrozen (the permutation is recomputed from the generator every step,
+  the SE head reads the permuted features and its regulariser back-propagates into the flow);
+- eiw-hysteresis: the Shuffle with the hysteresis stabiliser (the order is updated at ``advance``);
 - lcma-measuring: LCMA during warm-up, measuring contributions on every training forward;
 - lcma-frozen: LCMA after warm-up (a per-position gather before each split, nothing measured).
 
@@ -38,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memory import run_child, saved_for_backward_mib, step_peak_mib  # noqa: E402
 
 from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm  # noqa: E402
-from flows.strategies import advance  # noqa: E402
 
-VARIANTS = ["static", "eiw", "lcma-measuring", "lcma-frozen"]
+# static-again: a second static model, timed like the others: its ratio shows the noise floor.
+VARIANTS = ["static", "static-again", "eiw", "eiw-hysteresis", "lcma-measuring", "lcma-frozen"]
 
 
 def images(args: argparse.Namespace) -> torch.Tensor:
@@ -51,7 +53,11 @@ def images(args: argparse.Namespace) -> torch.Tensor:
 def make(args: argparse.Namespace, variant: str):
     """A model for ``variant`` and its training step (a closure with its own Adam)."""
     strategy = variant.split("-")[0]
-    split = SplitConfig(strategy=strategy, lcma_warmup_steps=10**9 if variant == "lcma-measuring" else 2)
+    split = SplitConfig(
+        strategy=strategy,
+        stabilizer="hysteresis" if variant == "eiw-hysteresis" else "none",
+        lcma_warmup_steps=10**9 if variant == "lcma-measuring" else 2,
+    )
     cfg = FlowConfig(
         image_shape=(3, args.size, args.size),
         num_levels=args.levels,
@@ -66,7 +72,7 @@ def make(args: argparse.Namespace, variant: str):
     counter = {"step": 0}
 
     def step() -> None:
-        advance(model, counter["step"])
+        model.advance(counter["step"])
         loss = model.bits_per_dim(x).mean() + split.sigma * model.regularization()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
