@@ -24,6 +24,7 @@ from flows.invconv import InvConv1x1
 from flows.split import LearnedTopPrior, Split
 from flows.squeeze import Squeeze
 from flows.strategies import build_split_strategy
+from flows.strategies.base import kept_share
 
 STRATEGY_SEED_OFFSET = 7919  # a prime: strategy seeds never collide with nearby init_seeds
 
@@ -131,6 +132,14 @@ class FlowModel(nn.Module):
             for i, split in enumerate(self.splits)
             for name, value in split.strategy.diagnostics().items()
         }
+
+    def kept_shares(self) -> list[Tensor]:
+        """Per split, (C,) the share of positions at which each input channel continues: a picture of
+        the current order (the trainer draws it over training)."""
+        return [
+            kept_share(split.strategy.channel_order(2 * split.num_keep).cpu(), split.num_keep)
+            for split in self.splits
+        ]
 
     # ------------------------------------------------------------------ likelihood
     def _check_uint8(self, x_uint8: Tensor, what: str) -> None:

@@ -41,6 +41,11 @@ class SplitStrategy(nn.Module):
         """Scalars that describe the current order (logged by the trainer); none by default."""
         return {}
 
+    def channel_order(self, num_channels: int) -> Tensor:
+        """The current channel order, (C,) or per position (C, H, W): output channel i is input
+        channel order[i]. The default (static) is the identity."""
+        return torch.arange(num_channels)
+
 
 class FreezableStrategy(SplitStrategy):
     """A strategy whose permutation can be fixed into buffers; ``frozen`` is saved with the state_dict.
@@ -68,3 +73,13 @@ def kept_fraction_of_first_half(order: Tensor, num_keep: int) -> float:
     """Share of the kept entries that static (Glow) would also keep: order (C, ...) of channel indices
     along dim 0; static keeps channels 0..num_keep-1."""
     return (order[:num_keep] < num_keep).to(torch.float32).mean().item()
+
+
+def kept_share(order: Tensor, num_keep: int) -> Tensor:
+    """(C,) share of spatial positions at which each input channel continues (is not factored out):
+    0 or 1 for a per-channel order (C,), fractions for a per-position order (C, H, W)."""
+    num_channels = order.shape[0]
+    kept = order[:num_keep].reshape(num_keep, -1)  # (num_keep, positions)
+    counts = torch.zeros(num_channels, dtype=torch.float32, device=order.device)
+    counts.index_add_(0, kept.reshape(-1), torch.ones(kept.numel(), device=order.device))
+    return counts / kept.shape[1]

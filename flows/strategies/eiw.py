@@ -201,6 +201,9 @@ class EIWShuffleSplit(FreezableStrategy):
             return self.held_perm
         return sort_descending(self.generator())
 
+    def channel_order(self, num_channels: int) -> Tensor:
+        return self.permutation()
+
     def permute(self, x: Tensor) -> Tensor:
         logits = self.generator()
         perm = self.held_perm if self._holds_perm else sort_descending(logits)

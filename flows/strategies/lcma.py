@@ -147,6 +147,9 @@ class LCMASplit(FreezableStrategy):
         flat_index = (order * (height * width) + position).reshape(-1)
         return x.reshape(x.shape[0], -1).index_select(1, flat_index).view(x.shape)
 
+    def channel_order(self, num_channels: int) -> Tensor:
+        return self.order
+
     def permute(self, x: Tensor) -> Tensor:
         if self.is_bound and self._measuring():
             self._update(x)

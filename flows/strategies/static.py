@@ -30,5 +30,8 @@ class StaticSplit(SplitStrategy):
             return y
         return torch.roll(y, shifts=-(y.shape[1] // 2), dims=1)
 
+    def channel_order(self, num_channels: int) -> Tensor:
+        return self.permute(torch.arange(num_channels).view(1, -1)).view(-1)
+
     def diagnostics(self) -> dict[str, float]:
         return {"static_overlap": 0.0 if self.swap_halves else 1.0}

@@ -547,3 +547,20 @@ def test_checkpoint_of_the_first_shuffle_form_fails_clearly_or_loads_with_its_op
 def test_split_config_validation_names_the_field(split: dict, match: str) -> None:
     with pytest.raises(ValueError, match=f"^{match}:"):
         SplitConfig(**split)
+
+
+def test_kept_shares_picture_the_order() -> None:
+    for strategy in STRATEGIES:
+        model = trained(strategy, steps=3)
+        (share,) = model.kept_shares()
+        assert share.shape == (12,) and share.sum().item() == pytest.approx(6.0)
+        if strategy == "static":
+            assert share.tolist() == [1.0] * 6 + [0.0] * 6
+        if strategy == "static_swapped":
+            assert share.tolist() == [0.0] * 6 + [1.0] * 6
+        if strategy == "eiw":
+            kept = model.splits[0].strategy.permutation()[:6]
+            assert share[kept].tolist() == [1.0] * 6
+        if strategy == "lcma":  # per position: fractions, each position keeps 6 of 12 channels
+            order = model.splits[0].strategy.order
+            assert share[3].item() == pytest.approx((order[:6] == 3).double().sum().item() / 16)
