@@ -20,6 +20,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PORT="${PG_PORT:-5432}"
 DB="${PG_DB:-mlflow}"
 DB_USER="${PG_USER:-mlflow}"
+# Names go into SQL, a connection URI and command lines: plain identifiers only, checked before
+# anything starts. (The SQL below passes them as psql variables as well, never spliced into the text.)
+for name in "$DB" "$DB_USER"; do
+    [[ "$name" =~ ^[A-Za-z_][A-Za-z0-9_]{0,62}$ ]] ||
+        die "PG_DB and PG_USER must be plain identifiers (letters, digits, _; not starting with a digit), got '$name'"
+done
+[[ "$PORT" =~ ^[0-9]+$ ]] || die "PG_PORT must be a number, got '$PORT'"
 PG_STATE="$STATE_DIR/postgres"
 DATA="$PG_STATE/data"
 SOCKETS="$PG_STATE/run"
@@ -41,6 +48,12 @@ find_bin() {
 }
 BIN="$(find_bin)"
 [[ -n "$BIN" && -x "$BIN/pg_ctl" ]] || die "PostgreSQL server binaries not found (apt-get install -y postgresql, or set PG_BIN)"
+
+# $1 as one word for /bin/sh: in single quotes, each ' written as '\''.
+sh_quote() {
+    local q="'\''"
+    printf "'%s'" "${1//\'/$q}"
+}
 
 # Run a PostgreSQL program as the OS user that owns the data directory.
 as_owner() {
@@ -97,13 +110,18 @@ cmd_start() {
     fi
     init_cluster
     info "starting on 127.0.0.1:$PORT, data $DATA, log $LOG"
+    # pg_ctl hands -o to /bin/sh, so the socket directory (under the state dir, which may contain
+    # spaces) is quoted for the shell; PostgreSQL takes the rest of the value as one path.
     if ! as_owner "$BIN/pg_ctl" -D "$DATA" -l "$LOG" -w -t "$START_TIMEOUT" start \
-        -o "-c listen_addresses=127.0.0.1 -p $PORT -c unix_socket_directories=$SOCKETS" >/dev/null; then
+        -o "-c listen_addresses=127.0.0.1 -p $PORT -c unix_socket_directories=$(sh_quote "$SOCKETS")" \
+        >/dev/null; then
         show_log_tail "$LOG"
         die "pg_ctl start failed"
     fi
+    # The name travels as a psql variable (:'db' is psql's quoted-literal interpolation), which
+    # needs the statement on stdin: -c does not interpolate variables.
     if ! PGPASSWORD="$(<"$PASSFILE")" "$BIN/psql" -h 127.0.0.1 -p "$PORT" -U "$DB_USER" -d postgres -tAq \
-        -c "SELECT 1 FROM pg_database WHERE datname = '$DB'" | grep -q 1; then
+        -v db="$DB" <<<"SELECT 1 FROM pg_database WHERE datname = :'db'" | grep -q 1; then
         PGPASSWORD="$(<"$PASSFILE")" "$BIN/createdb" -h 127.0.0.1 -p "$PORT" -U "$DB_USER" "$DB" ||
             die "createdb $DB failed"
         info "created database $DB"
