@@ -7,22 +7,30 @@ and read back from where the server stored them.
 
 from __future__ import annotations
 
+import base64
 import glob
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
+
+from tests.integration.conftest import _stop, _wait_healthy
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
+K8S_MLFLOW = REPO / "infra" / "k8s" / "mlflow.yaml"
 MLFLOW_SERVER = REPO / "infra" / "local" / "mlflow_server.sh"
 POSTGRES = REPO / "infra" / "local" / "postgres.sh"
 
@@ -135,9 +143,10 @@ def postgres_missing() -> str | None:
 @pytest.fixture
 def pg_state():
     """As root the server runs as the postgres OS user, which must reach its data dir: pytest's
-    tmp_path sits in a 0700 directory, so the state dir is a world-traversable temp dir. Requested
-    before ``stop_after``, it is removed after the servers are stopped."""
-    state = Path(tempfile.mkdtemp(prefix="infra-pg-"))
+    tmp_path sits in a 0700 directory, so the state dir is a world-traversable temp dir. Its name
+    has a space and a quote, which the scripts must pass through intact. Requested before
+    ``stop_after``, it is removed after the servers are stopped."""
+    state = Path(tempfile.mkdtemp(prefix="infra pg's state "))
     state.chmod(0o755)
     yield state
     shutil.rmtree(state, ignore_errors=True)
@@ -203,3 +212,105 @@ def _group(pgid: int) -> list[int]:
         if int(fields[2]) == pgid:
             members.append(int(stat.parent.name))
     return members
+
+
+def _status(
+    url: str, *, user: str | None = None, password: str | None = None, data: bytes | None = None
+) -> int:
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    if user is not None:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def auth_app_missing() -> str | None:
+    try:
+        import flask_wtf  # noqa: F401
+    except ImportError:
+        return "MLflow's basic-auth app needs mlflow[auth] (Flask-WTF), which is not installed"
+    return None
+
+
+@pytest.mark.skipif(auth_app_missing() is not None, reason=str(auth_app_missing()))
+def test_mlflow_server_as_kubernetes_runs_it_requires_credentials(tmp_path, monkeypatch):
+    """infra/k8s/mlflow.yaml's command and auth settings, run for real on loopback with a sqlite
+    store: anonymous requests get 401 (except /health, which the probes use), the admin from the
+    environment exists, a `trainer` user created as docs/operations.md says logs runs and moves
+    its model's alias, and another user cannot move that alias."""
+    from mlflow.server import get_app_client
+
+    deployment = next(d for d in yaml.safe_load_all(K8S_MLFLOW.read_text()) if d["kind"] == "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    local_only = ("--host=", "--port=", "--workers=", "--allowed-hosts=")
+    port = free_port()
+    argv = [Path(sys.executable).with_name(a) if a == "mlflow" else a for a in container["command"]]
+    argv = [str(a) for a in argv if not str(a).startswith(local_only)]
+    argv += ["--host=127.0.0.1", f"--port={port}", "--workers=1"]
+    argv += ["--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    argv += ["--artifacts-destination", str(tmp_path / "artifacts")]
+    config_path = tmp_path / "basic_auth.ini"  # what the Secret's basic_auth.ini holds, on sqlite
+    config_path.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{tmp_path / 'auth.db'}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    admin_password, trainer_password, other_password = (secrets.token_urlsafe(16) for _ in range(3))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config_path),
+        "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    # The Deployment sets the same variables (from the Secret, checked in tests/unit/test_infra_manifests.py).
+    assert {k for k in env if k.startswith("MLFLOW_")} <= {e["name"] for e in container["env"]}
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, log)
+        search = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert _status(f"{url}/health") == 200
+        assert _status(search) == 401
+        assert _status(search, user="admin", password="wrong") == 401
+        assert _status(search, user="admin", password=admin_password) == 200
+
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin_password)
+        users = get_app_client("basic-auth", tracking_uri=url)
+        users.create_user("trainer", trainer_password)
+        users.create_user("other", other_password)
+
+        # The Ray pods' view: credentials from MLFLOW_TRACKING_USERNAME / _PASSWORD.
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "trainer")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", trainer_password)
+        client = MlflowClient(url)
+        experiment_id = client.create_experiment("auth-check")
+        run = client.create_run(experiment_id)
+        client.log_metric(run.info.run_id, "bits_per_dim", 3.5, step=0)
+        client.create_registered_model("eiw-flow")
+        version = client.create_model_version("eiw-flow", f"runs:/{run.info.run_id}/model", run.info.run_id)
+        client.set_registered_model_alias("eiw-flow", "champion", version.version)
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "other")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", other_password)
+        other = MlflowClient(url)
+        assert other.get_model_version_by_alias("eiw-flow", "champion").version == version.version  # READ
+        with pytest.raises(mlflow.exceptions.MlflowException, match="PERMISSION_DENIED|403"):
+            other.set_registered_model_alias("eiw-flow", "champion", version.version)
+        with pytest.raises(mlflow.exceptions.MlflowException, match="PERMISSION_DENIED|403"):
+            other.log_metric(run.info.run_id, "bits_per_dim", 0.0, step=1)
+    finally:
+        _stop(proc)
+    assert admin_password not in log.read_text()

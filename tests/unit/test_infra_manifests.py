@@ -170,7 +170,8 @@ SECRET_PATTERNS = [
     re.compile(r"://[^/\s:@'\"]+:(?![<$*])[^@\s/'\"]+@"),
     re.compile(r"AKIA[0-9A-Z]{16}"),
     re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
-    re.compile(r"(?i)\b(password|passwd|secret|token)\s*[:=]\s*['\"]?[A-Za-z0-9+/]{8,}"),
+    # on one line: a YAML `secret:` key opening a volume source is structure, not a value
+    re.compile(r"(?i)\b(password|passwd|secret|token)[ \t]*[:=][ \t]*['\"]?[A-Za-z0-9+/]{8,}"),
 ]
 
 
@@ -243,3 +244,93 @@ def test_mlflow_server_binds_loopback_unless_told_otherwise(tmp_path):
     assert default.stdout.strip() == "http://127.0.0.1:5000"
     text = script.read_text()
     assert 'HOST="${MLFLOW_HOST:-127.0.0.1}"' in text and '--host "$HOST"' in text
+
+
+@pytest.mark.parametrize("variable", ["PG_DB", "PG_USER"])
+def test_postgres_script_refuses_names_that_are_not_identifiers(variable, tmp_path):
+    """The names reach SQL and a URI; a quote in one must stop the script before anything starts."""
+    script = INFRA / "local" / "postgres.sh"
+    env = {"PATH": os.environ["PATH"], "INFRA_STATE_DIR": str(tmp_path / "state dir")}
+    env[variable] = "mlflow'; DROP DATABASE postgres; --"
+    started = subprocess.run(["bash", str(script), "start"], env=env, capture_output=True, text=True)
+    assert started.returncode == 1
+    assert "must be plain identifiers" in started.stderr and "DROP DATABASE" in started.stderr
+    assert not (tmp_path / "state dir" / "postgres").exists()
+
+
+AUTH_SECRET = "eiw-flow-mlflow-auth"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, "matchExpressions are not used here"
+    match = selector.get("matchLabels", {})
+    return bool(match) and match.items() <= labels.items()
+
+
+def test_mlflow_server_requires_credentials_from_a_secret():
+    from importlib.metadata import entry_points
+
+    from mlflow.environment_variables import (
+        MLFLOW_AUTH_ADMIN_PASSWORD,
+        MLFLOW_AUTH_ADMIN_USERNAME,
+        MLFLOW_AUTH_CONFIG_PATH,
+    )
+
+    pod = DOCS[("Deployment", "mlflow")]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "--app-name=basic-auth" in container["command"]
+    assert "basic-auth" in {e.name for e in entry_points(group="mlflow.app")}  # the installed MLflow has it
+    env = env_of(container)
+    for name in (
+        MLFLOW_AUTH_ADMIN_USERNAME.name,
+        MLFLOW_AUTH_ADMIN_PASSWORD.name,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    ):
+        assert secret_ref(env, name)["name"] == AUTH_SECRET
+    # The auth app's config (its database URI holds a password) is a file mounted from the Secret.
+    config = Path(env[MLFLOW_AUTH_CONFIG_PATH.name]["value"])
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts[str(config.parent)].get("readOnly") is True
+    volume = {v["name"]: v for v in pod["volumes"]}[mounts[str(config.parent)]["name"]]
+    assert volume["secret"]["secretName"] == AUTH_SECRET
+    assert config.name in [item["path"] for item in volume["secret"]["items"]]
+    assert volume["secret"]["defaultMode"] & 0o007 == 0  # not world-readable
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"] != 0
+    # Its users live in their own database, which the PostgreSQL init script creates.
+    (postgres,) = DOCS[("StatefulSet", "postgres")]["spec"]["template"]["spec"]["containers"]
+    assert "/docker-entrypoint-initdb.d" in {m["mountPath"] for m in postgres["volumeMounts"]}
+    init = DOCS[("ConfigMap", "postgres-init")]["data"]
+    assert any("CREATE DATABASE mlflow_auth" in sql for sql in init.values())
+    assert "postgres:5432/mlflow_auth" in (REPO / "docs" / "operations.md").read_text()
+
+
+def test_network_policy_admits_only_ray_pods_and_the_ingress_to_mlflow():
+    mlflow_labels = DOCS[("Deployment", "mlflow")]["spec"]["template"]["metadata"]["labels"]
+    policies = [doc for (kind, _), doc in DOCS.items() if kind == "NetworkPolicy"]
+    (policy,) = [p for p in policies if _selects(p["spec"]["podSelector"], mlflow_labels)]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert [(p["protocol"], p["port"]) for p in rule["ports"]] == [("TCP", 5000)]
+    in_namespace = [peer["podSelector"] for peer in rule["from"] if "namespaceSelector" not in peer]
+    elsewhere = [peer for peer in rule["from"] if "namespaceSelector" in peer]
+    assert in_namespace and all(peer["namespaceSelector"]["matchLabels"] for peer in elsewhere)
+    assert all(peer["podSelector"]["matchLabels"] for peer in elsewhere)  # the ingress controller's pods
+    # Every Ray pod (long-lived cluster and per-run RayJob, head and workers) is admitted and
+    # carries the client credentials; the server's other neighbours are not admitted.
+    for kind, spec in ray_cluster_specs():
+        templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+        for template in templates:
+            assert any(_selects(s, template["metadata"]["labels"]) for s in in_namespace), kind
+            (container,) = template["spec"]["containers"]
+            env = env_of(container)
+            assert secret_ref(env, "MLFLOW_TRACKING_USERNAME") == {
+                "name": "eiw-flow-mlflow",
+                "key": "username",
+            }
+            assert secret_ref(env, "MLFLOW_TRACKING_PASSWORD") == {
+                "name": "eiw-flow-mlflow",
+                "key": "password",
+            }
+    postgres_labels = DOCS[("StatefulSet", "postgres")]["spec"]["template"]["metadata"]["labels"]
+    assert not any(_selects(s, postgres_labels) for s in in_namespace)
+    assert not any(_selects(s, mlflow_labels) for s in in_namespace)
