@@ -210,8 +210,9 @@ def ensure_sample_shards(
         progress=progress,
         png_level=png_level,
     )
+    refuse_foreign_content(out)  # before the lock file: a refused folder gets nothing of ours
     with _locked(out / SAMPLE_LOCK_NAME):
-        refuse_foreign_content(out)
+        refuse_foreign_content(out)  # again, now that no other builder is writing
         for source in sample_sources(opts):
             try:
                 convert_split(source, run)
