@@ -137,7 +137,7 @@ def convert_split(source: SplitSource, opts: RunOptions) -> dict:
 @contextlib.contextmanager
 def _locked(split_dir: Path):
     # Two converters in one folder would interleave shards of different runs; make the second wait.
-    with open(split_dir / ".lock", "a") as f:  # "a": never truncates or touches it
+    with open(split_dir / ownership.LOCK_NAME, "a") as f:  # "a": never truncates or touches it
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
