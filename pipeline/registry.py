@@ -1,10 +1,18 @@
 """Log the trained flow as an MLflow model, register it, move the aliases, and load it back.
 
-MLflow 3's ``mlflow.pytorch.log_model`` defaults to ``torch.export`` (pt2), whose reloaded graph
-module has no ``sample`` or ``bits_per_dim``. We log with ``serialization_format="pickle"``: the
-reloaded object is the ``flows.FlowModel`` itself. Its classes are pickled by reference to the
-``flows`` package, which is shipped inside the model (``code_paths``), so loading needs only torch,
-mlflow and that code. Pickle runs code on load: only load models from a registry you trust.
+The model is weights as tensors plus the flow config, never a pickle (pipeline/flow_pyfunc.py):
+``log_flow_model`` logs a pyfunc built from code (``mlflow.pyfunc.log_model(python_model=<file>)``)
+whose artifacts are ``weights.pt`` (a ``state_dict`` read with ``torch.load(weights_only=True)``)
+and ``flow_config.json``. ``mlflow models serve -m models:/<name>@champion --env-manager local``
+scores uint8 images in bits/dim; ``load_flow_model`` rebuilds the ``flows.FlowModel`` from code.
+
+``load_flow_model`` reads only those two files and the MLmodel YAML (safe loader): it never runs the
+model's code file, never adds its ``code`` folder to ``sys.path``. ``mlflow.pyfunc.load_model`` and
+``mlflow models serve`` do run the model's code file (models-from-code), a three-line import of this
+package's ``pipeline.flow_pyfunc``: serve only from a registry you trust.
+
+Models logged before this format are ``mlflow.pytorch`` pickles. Unpickling runs whatever code the
+file names, so ``load_flow_model`` refuses them unless called with ``allow_pickle=True``.
 
 Aliases (MLflow's replacement for stages): ``newest_alias`` follows every new version;
 ``champion_alias`` moves only when the new version's test bits/dim (model-version tag
@@ -13,21 +21,35 @@ Aliases (MLflow's replacement for stages): ``newest_alias`` follows every new ve
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
-import mlflow.pytorch
+import numpy as np
 import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
-import flows
 from flows import FlowModel
-from pipeline.config import MlflowConfig
+from pipeline.flow_pyfunc import (
+    CONFIG_ARTIFACT,
+    FORMAT,
+    FORMAT_KEY,
+    MODEL_CODE_PATH,
+    WEIGHTS_ARTIFACT,
+    input_example_for,
+    read_flow_files,
+    signature_for,
+    write_flow_files,
+)
+
+if TYPE_CHECKING:
+    from pipeline.config import MlflowConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,26 +58,49 @@ MODEL_NAME = "model"
 
 
 def _requirements() -> list[str]:
-    # Explicit, so MLflow does not spend a subprocess inferring them.
-    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+    # Explicit, so MLflow does not spend a subprocess inferring them. The model also needs this
+    # package (``pipeline``, ``flows``), which is not on PyPI: serve with ``--env-manager local`` from
+    # an environment where it is installed; it is deliberately not listed (a PyPI name we do not own).
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"mlflow=={mlflow.__version__}",
+        f"numpy=={np.__version__}",
+    ]
+
+
+def _model_kwargs(model: FlowModel, files: dict[str, str], test_bpd: float | None) -> dict:
+    metadata = {
+        FORMAT_KEY: FORMAT,
+        "image_shape": list(model.cfg.image_shape),
+        "split_strategy": model.cfg.split.strategy,
+    }
+    if test_bpd is not None:
+        metadata["test_bits_per_dim"] = float(test_bpd)
+    return {
+        "python_model": str(MODEL_CODE_PATH),
+        "artifacts": files,
+        "signature": signature_for(model.cfg),
+        "input_example": input_example_for(model.cfg),
+        "pip_requirements": _requirements(),
+        "metadata": metadata,
+    }
 
 
 def log_flow_model(model: FlowModel, *, test_bpd: float) -> str:
-    """Log a CPU float32 copy of ``model`` to the active run; returns the model URI."""
-    cpu = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
-    info = mlflow.pytorch.log_model(
-        cpu,
-        name=MODEL_NAME,
-        serialization_format="pickle",
-        code_paths=[str(Path(flows.__file__).parent)],
-        pip_requirements=_requirements(),
-        metadata={
-            "test_bits_per_dim": test_bpd,
-            "image_shape": list(model.cfg.image_shape),
-            "split_strategy": model.cfg.split.strategy,
-        },
-    )
+    """Log ``model`` (weights as CPU float32 tensors plus its config) to the active run as a pyfunc
+    built from code; returns the model URI."""
+    with tempfile.TemporaryDirectory(prefix="eiw-model-") as tmp:
+        files = write_flow_files(model, tmp)
+        info = mlflow.pyfunc.log_model(name=MODEL_NAME, **_model_kwargs(model, files, test_bpd))
     return info.model_uri
+
+
+def save_flow_model(model: FlowModel, path: str | Path, *, test_bpd: float | None = None) -> Path:
+    """``log_flow_model`` into a local directory (no run, no server); ``path`` must not exist yet."""
+    with tempfile.TemporaryDirectory(prefix="eiw-model-") as tmp:
+        files = write_flow_files(model, tmp)
+        mlflow.pyfunc.save_model(path=str(path), **_model_kwargs(model, files, test_bpd))
+    return Path(path)
 
 
 def _champion_bpd(client: MlflowClient, name: str, alias: str) -> float | None:
@@ -97,14 +142,65 @@ def register(model_uri: str, *, cfg: MlflowConfig, test_bpd: float, run_id: str)
     return client.get_model_version(name, number)
 
 
-def load_flow_model(uri: str, *, tracking_uri: str | None = None, map_location: str = "cpu") -> FlowModel:
-    """``models:/<name>@<alias>`` (or any model URI) -> the ``FlowModel``, in eval mode.
+def _artifact_file(root: Path, mlmodel: Model, name: str, uri: str) -> Path:
+    """The local path of pyfunc artifact ``name``, which must be a file inside the model directory."""
+    try:
+        relative = mlmodel.flavors["python_function"]["artifacts"][name]["path"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{uri}: the model lists no {name!r} artifact") from e
+    path = (root / str(relative)).resolve()
+    if not path.is_relative_to(root.resolve()) or not path.is_file():
+        raise ValueError(f"{uri}: artifact {name!r} ({relative}) is not a file inside the model")
+    return path
 
-    ``weights_only=False``: the model is a pickled module (see the module docstring).
-    """
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pytorch.load_model(uri, map_location=map_location, weights_only=False)
+
+def _load_pickled(local: Path, uri: str, map_location: str | torch.device, allow_pickle: bool) -> FlowModel:
+    if not allow_pickle:
+        raise ValueError(
+            f"{uri}: refusing to load a pickled mlflow.pytorch model (logged before weights-only models): "
+            "unpickling runs any code the file names. If you trust whoever could write this model, "
+            "pass allow_pickle=True, then re-log it with log_flow_model to convert it"
+        )
+    log.warning("%s: unpickling a pickled model (allow_pickle=True): this runs code from the file", uri)
+    import mlflow.pytorch
+
+    model = mlflow.pytorch.load_model(str(local), map_location=map_location, weights_only=False)
     if not isinstance(model, FlowModel):
         raise ValueError(f"{uri}: expected a flows.FlowModel, got {type(model).__name__}")
     return model.eval()
+
+
+def load_flow_model(
+    uri: str,
+    *,
+    tracking_uri: str | None = None,
+    map_location: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+) -> FlowModel:
+    """``models:/<name>@<alias>`` (or any model URI or local model directory) -> the ``FlowModel``,
+    rebuilt from its config and weights (``torch.load(weights_only=True)``), on ``map_location``, in
+    eval mode.
+
+    Runs nothing from the model: not its code file, not a pickle. A file that is not plain tensors
+    raises ``pipeline.flow_pyfunc.UnsafeModelFileError`` (a ``ValueError``). Older pickled
+    ``mlflow.pytorch`` models raise ``ValueError`` unless ``allow_pickle=True``, which unpickles
+    them and so runs whatever code the file names: only for a registry whose writers you trust.
+    ``tracking_uri`` (also used as the registry URI) defaults to MLflow's configured one.
+    """
+    with tempfile.TemporaryDirectory(prefix="eiw-load-") as tmp:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=tracking_uri
+            )
+        )
+        mlmodel = Model.load(str(local))  # the MLmodel YAML, read with yaml.safe_load
+        written_as = (mlmodel.metadata or {}).get(FORMAT_KEY)
+        if written_as == FORMAT:
+            weights = _artifact_file(local, mlmodel, WEIGHTS_ARTIFACT, uri)
+            config = _artifact_file(local, mlmodel, CONFIG_ARTIFACT, uri)
+            return read_flow_files(weights, config, map_location=map_location)
+        if written_as is not None:
+            raise ValueError(f"{uri}: model format {written_as!r}; this version reads {FORMAT!r}")
+        if "pytorch" in mlmodel.flavors:
+            return _load_pickled(local, uri, map_location, allow_pickle)
+        raise ValueError(f"{uri}: not an EIW-Flow model (no {FORMAT_KEY!r} in its MLmodel metadata)")

@@ -1,0 +1,211 @@
+"""The registered model's files and its MLflow pyfunc: weights as tensors plus the config, no pickle.
+
+A logged model holds two files, read back by ``read_flow_files`` (the only loader):
+
+- ``weights.pt``: the ``state_dict`` (CPU, floating tensors as float32) written with ``torch.save``
+  and read with ``torch.load(weights_only=True)``, whose restricted unpickler accepts tensors,
+  containers and numbers only: a file that names any other callable is refused before it runs.
+- ``flow_config.json``: ``flows.FlowConfig`` as a plain dict (``flows.dataclass_to_dict``), rebuilt
+  with the strict ``flows.dataclass_from_dict`` (an unknown key is an error naming it; a key a later
+  version of ``SplitConfig`` added takes its default).
+
+The ``FlowModel`` is rebuilt from this package's code (``flows.build_flow``), then
+``load_state_dict(strict=True)``; ActNorm's ``initialized`` flags and the split strategies' held
+permutations are buffers, so they come back with the weights.
+
+``FlowPyfunc`` is the ``mlflow.pyfunc.PythonModel`` logged *from code* (``flow_pyfunc_model.py``,
+three lines that import this module from the installed package; nothing is cloudpickled). Input: a
+uint8 batch ``(N, C, H, W)``, declared as a tensor spec. ``params``:
+
+- ``mode="bits_per_dim"`` (default): float64 ``(N,)``, ``model.bits_per_dim(x)`` with the
+  dequantization noise drawn from ``torch.Generator().manual_seed(seed)``, so a score is reproducible.
+- ``mode="sample"``: uint8 ``(num, C, H, W)`` drawn at ``temperature`` from ``seed``; the input
+  batch must still match the signature (MLflow checks it) but is not read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+
+from flows import FlowConfig, FlowModel, build_flow, dataclass_from_dict, dataclass_to_dict
+
+# Recorded in the MLmodel's metadata: how ``load_flow_model`` tells these models from the pickled
+# ``mlflow.pytorch`` ones logged before.
+FORMAT_KEY = "eiw_flow_format"
+FORMAT = "weights+config/1"
+
+WEIGHTS_ARTIFACT = "weights"
+CONFIG_ARTIFACT = "config"
+WEIGHTS_FILE = "weights.pt"
+CONFIG_FILE = "flow_config.json"
+
+# The models-from-code file MLflow copies into the model and runs on load.
+MODEL_CODE_PATH = Path(__file__).with_name("flow_pyfunc_model.py")
+
+MODES = ("bits_per_dim", "sample")
+DEFAULT_PARAMS: dict[str, Any] = {"mode": "bits_per_dim", "seed": 0, "num": 16, "temperature": 1.0}
+# One request must not be able to exhaust a serving host's memory.
+MAX_SAMPLES = 1024
+
+
+class UnsafeModelFileError(ValueError):
+    """A model file that is not plain tensors (or plain JSON): refused before anything in it runs."""
+
+
+# ---------------------------------------------------------------------------------------- files
+def config_from_dict(data: Any, *, source: str = "flow config") -> FlowConfig:
+    """A plain dict (from JSON) -> ``FlowConfig``; bad keys and values are a ``ValueError`` naming them."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return dataclass_from_dict(FlowConfig, data)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+def write_flow_files(model: FlowModel, directory: str | Path) -> dict[str, str]:
+    """Write ``model``'s weights and config into ``directory``; returns {artifact name: path}."""
+    if not isinstance(model, FlowModel):
+        raise ValueError(f"expected a flows.FlowModel, got {type(model).__name__}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # clone(): torch.save writes a tensor's whole storage, and a view would drag its base along.
+    state = {
+        name: (t.detach().float() if t.is_floating_point() else t.detach()).cpu().contiguous().clone()
+        for name, t in model.state_dict().items()
+    }
+    weights = directory / WEIGHTS_FILE
+    config = directory / CONFIG_FILE
+    torch.save(state, weights)
+    config.write_text(json.dumps(dataclass_to_dict(model.cfg), indent=2, sort_keys=True) + "\n", "utf-8")
+    return {WEIGHTS_ARTIFACT: str(weights), CONFIG_ARTIFACT: str(config)}
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)``; anything but a flat {name: tensor} mapping is refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # The restricted unpickler stops at the first global it does not allow, before calling it.
+        raise UnsafeModelFileError(
+            f"{path}: refusing to load: not a plain tensor file (torch's weights-only loader "
+            f"rejected it; nothing in it was run): {str(e).splitlines()[0]}"
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UnsafeModelFileError(f"{path}: not a readable torch weights file: {e}") from e
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise UnsafeModelFileError(f"{path}: expected a mapping of parameter names to tensors")
+    return state
+
+
+def read_flow_files(
+    weights_path: str | Path, config_path: str | Path, *, map_location: str | torch.device = "cpu"
+) -> FlowModel:
+    """Rebuild the ``FlowModel`` from its config, load its weights (strict), move it, eval mode."""
+    try:
+        data = json.loads(Path(config_path).read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path}: not a readable JSON flow config: {e}") from e
+    model = build_flow(config_from_dict(data, source=str(config_path)))
+    state = read_state_dict(weights_path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{weights_path}: the weights do not fit the config in {config_path}: {e}") from e
+    return model.to(map_location).eval()
+
+
+# ---------------------------------------------------------------------------------------- signature
+def signature_for(cfg: FlowConfig) -> ModelSignature:
+    """Input: uint8 ``(-1, C, H, W)`` (unnamed tensor); params: mode, seed, num, temperature.
+
+    No output schema: the output is float64 ``(N,)`` bits/dim or uint8 ``(num, C, H, W)`` images,
+    depending on ``mode``, and one schema cannot say both.
+    """
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *cfg.image_shape))]),
+        params=ParamSchema(
+            [
+                ParamSpec("mode", "string", DEFAULT_PARAMS["mode"]),
+                ParamSpec("seed", "long", DEFAULT_PARAMS["seed"]),
+                ParamSpec("num", "long", DEFAULT_PARAMS["num"]),
+                ParamSpec("temperature", "double", DEFAULT_PARAMS["temperature"]),
+            ]
+        ),
+    )
+
+
+def input_example_for(cfg: FlowConfig, num: int = 1) -> np.ndarray:
+    """A fixed uint8 batch ``(num, C, H, W)`` of noise: the example MLflow stores and validates."""
+    return np.random.default_rng(0).integers(0, 256, size=(num, *cfg.image_shape), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------- pyfunc
+def _invalid(message: str) -> MlflowException:
+    # MlflowException(INVALID_PARAMETER_VALUE): the scoring server answers 400 with this message.
+    return MlflowException.invalid_parameter_value(message)
+
+
+def _as_uint8_batch(model_input: Any, cfg: FlowConfig) -> torch.Tensor:
+    if isinstance(model_input, torch.Tensor):
+        model_input = model_input.cpu().numpy()
+    if not isinstance(model_input, np.ndarray):
+        raise _invalid(f"expected a uint8 array (N, C, H, W), got {type(model_input).__name__}")
+    if model_input.dtype != np.uint8:
+        raise _invalid(f"expected uint8 pixels in 0..255, got dtype {model_input.dtype}")
+    if model_input.ndim != 4 or tuple(model_input.shape[1:]) != cfg.image_shape or not len(model_input):
+        raise _invalid(
+            f"expected a non-empty batch of shape (N, {', '.join(map(str, cfg.image_shape))}), "
+            f"got {model_input.shape}"
+        )
+    return torch.from_numpy(np.ascontiguousarray(model_input))
+
+
+class FlowPyfunc(mlflow.pyfunc.PythonModel):
+    """Scores uint8 images in bits/dim, or samples images; see the module docstring for ``params``.
+
+    ``model_config={"device": "cuda"}`` at load time (``mlflow.pyfunc.load_model(..., model_config=)``)
+    runs it on a GPU; the default is the CPU.
+    """
+
+    model: FlowModel
+
+    def load_context(self, context) -> None:
+        device = (context.model_config or {}).get("device", "cpu")
+        self.model = read_flow_files(
+            context.artifacts[WEIGHTS_ARTIFACT], context.artifacts[CONFIG_ARTIFACT], map_location=device
+        )
+
+    # No type hints on ``predict``: MLflow 3 would derive a signature from them and override the
+    # tensor spec.
+    def predict(self, context, model_input, params=None):
+        p = {**DEFAULT_PARAMS, **(params or {})}
+        mode, seed = p["mode"], int(p["seed"])
+        generator = torch.Generator().manual_seed(seed)
+        device = next(self.model.parameters()).device
+        if mode == "bits_per_dim":
+            x = _as_uint8_batch(model_input, self.model.cfg).to(device)
+            with torch.no_grad():
+                bpd = self.model.bits_per_dim(x, generator=generator)
+            return bpd.to(torch.float64).cpu().numpy()
+        if mode == "sample":
+            num, temperature = int(p["num"]), float(p["temperature"])
+            if not 1 <= num <= MAX_SAMPLES:
+                raise _invalid(f"num: must be in 1..{MAX_SAMPLES}, got {num}")
+            if not 0.0 <= temperature < math.inf:
+                raise _invalid(f"temperature: must be a finite number >= 0, got {temperature}")
+            return self.model.sample(num, temperature, generator=generator).cpu().numpy()
+        raise _invalid(f"mode: unknown {mode!r}; choose one of {MODES}")
