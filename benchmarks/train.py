@@ -12,8 +12,8 @@ Ray rounds so that drifting machine load hits both; the table reports medians. T
 judged on wall time on a GPU and on process CPU time per step on a CPU (robust to a shared machine);
 the training thread's own CPU time separates the step itself from Ray's background threads.
 
-Needs only torch (and flows/pipeline from this repo): without an importable ``ray`` the Ray half is
-skipped with a message, so it runs on a GPU box that has nothing else. ``--config`` needs PyYAML;
+Needs only torch and pydantic (and flows/pipeline from this repo): without an importable ``ray`` the
+Ray half is skipped with a message, so it runs on a GPU box that has nothing else. ``--config`` needs PyYAML;
 without it the model is the sample config's (3 levels x 4 steps, 64 hidden, batch 32, 32x32).
 """
 
@@ -41,8 +41,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm  # noqa: E402
-from flows.strategies import STRATEGIES, advance  # noqa: E402
-from pipeline.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
+from pipeline.config import DEFAULT_SPLIT_STRATEGY, DataConfig, RunConfig, TrainConfig  # noqa: E402
 from pipeline.runtime import Runtime  # noqa: E402
 from pipeline.step import TrainingObjective, lr_factor, make_optimizer, train_step  # noqa: E402
 
@@ -57,9 +56,8 @@ def default_config(args: argparse.Namespace) -> TrainConfig:
         from pipeline.config import load_config
 
         return load_config(args.config, args.overrides)
-    strategy = "eiw" if "eiw" in STRATEGIES else STRATEGIES[0]
     model = FlowConfig(image_shape=(3, 32, 32), num_levels=3, num_steps=4, hidden_channels=64,
-                       split=SplitConfig(strategy=strategy))  # fmt: skip
+                       split=SplitConfig(strategy=DEFAULT_SPLIT_STRATEGY))  # fmt: skip
     return TrainConfig(model=model, data=DataConfig(batch_size=32), run=RunConfig(name="bench"))
 
 
@@ -84,7 +82,7 @@ def time_steps(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     times: dict[str, list[float]] = {"wall": [], "cpu": [], "thread": []}
     for i in range(warmup + rounds * steps):
-        advance(flow, i)
+        flow.advance(i)
         start, start_cpu, start_thread = time.perf_counter(), time.process_time(), time.thread_time()
         train_step(objective, batches[i % len(batches)], optimizer, scheduler, cfg=cfg, runtime=runtime)
         if i >= warmup:  # train_step reads its results back, so the device is synchronised here
@@ -97,10 +95,9 @@ def time_steps(
 def _ray_worker(config: dict) -> None:
     import ray.train
 
-    from pipeline.config import config_from_dict
     from pipeline.ray_adapter import RayRuntime
 
-    cfg = config_from_dict(config["cfg"])
+    cfg = config["cfg"]
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     times = time_steps(cfg, RayRuntime(cfg), steps=config["steps"], rounds=config["rounds"],
@@ -123,13 +120,11 @@ def time_ray(cfg: TrainConfig, args: argparse.Namespace, use_gpu: bool, tmp: Pat
     except ImportError as e:
         print(f"ray is not importable ({e}); skipping the Ray adapter half")
         return None
-    from pipeline.config import config_to_dict
-
     ray.init(address="local", num_cpus=max(2, args.threads + 1), include_dashboard=False, log_to_driver=False)
     try:
         trainer = TorchTrainer(
             _ray_worker,
-            train_loop_config={"cfg": config_to_dict(cfg), "threads": args.threads if not use_gpu else 0,
+            train_loop_config={"cfg": cfg, "threads": args.threads if not use_gpu else 0,
                                "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup},
             scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": max(1, args.threads)}),

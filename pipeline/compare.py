@@ -16,86 +16,58 @@ import logging
 import math
 import statistics
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from pydantic import Field
 
-from pipeline.config import load_config, resolve
-from pipeline.loop import fit
+from pipeline.config import TrainConfig, load_config, resolve
+from pipeline.config_loading import ConfigModel, Overrides, as_overrides, load_file
 
 log = logging.getLogger("pipeline.compare")
 
-KEYS = ("base", "overrides", "seeds", "variants")
 REFERENCE_VARIANT = "static"
 
 
-@dataclass(kw_only=True)
-class Comparison:
-    """A parsed comparison file: a base experiment, shared overrides, seeds and named variants."""
+class Comparison(ConfigModel):
+    """A comparison file: a base experiment, overrides shared by every run, seeds, and named variants,
+    each a mapping of dotted config keys to values (applied as typed values, like the overrides).
 
-    name: str
-    base: str
-    overrides: dict[str, Any]
-    seeds: list[int]
-    variants: dict[str, dict[str, Any]]
+    ``name`` (default: the file's name) names the runs ``<name>-<variant>-seed<seed>`` and the table.
+    """
 
-
-def _as_overrides(mapping: dict[str, Any]) -> list[str]:
-    return [
-        f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-        for key, value in mapping.items()
-    ]
+    name: str = ""
+    base: str = "configs/sample.yaml"
+    overrides: dict[str, Any] = {}
+    seeds: list[int] = Field([0], min_length=1)
+    variants: dict[str, dict[str, Any]] = Field(min_length=1)
 
 
 def load_comparison(path: str | Path) -> Comparison:
     """Parse and validate a comparison YAML; every variant must build a valid TrainConfig."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: cannot read comparison file: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping with keys {KEYS}")
-    unknown = sorted(set(data) - set(KEYS))
-    if unknown:
-        raise ValueError(f"{path}: unknown field {unknown[0]!r} (known: {', '.join(KEYS)})")
-    seeds = data.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ValueError(f"{path}: seeds: expected a non-empty list of integers, got {seeds!r}")
-    variants = data.get("variants")
-    if not isinstance(variants, dict) or not variants:
-        raise ValueError(f"{path}: variants: expected a non-empty mapping of name -> overrides")
-    for name, overrides in variants.items():
-        if not isinstance(overrides, dict):
-            raise ValueError(f"{path}: variants.{name}: expected a mapping of config key -> value")
-    overrides = data.get("overrides") or {}
-    if not isinstance(overrides, dict):
-        raise ValueError(f"{path}: overrides: expected a mapping of config key -> value")
-    comparison = Comparison(
-        name=path.stem,
-        base=str(data.get("base", "configs/sample.yaml")),
-        overrides=overrides,
-        seeds=seeds,
-        variants=variants,
-    )
+    comparison = load_file(Comparison, path)
+    if not comparison.name:
+        comparison = comparison.model_copy(update={"name": Path(path).stem})
     for variant in comparison.variants:  # fail before hours of training, naming the variant
         try:
-            config_for(comparison, variant, comparison.seeds[0], [])
+            config_for(comparison, variant, comparison.seeds[0])
         except ValueError as e:
             raise ValueError(f"{path}: variants.{variant}: {e}") from e
     return comparison
 
 
-def config_for(comparison: Comparison, variant: str, seed: int, extra: list[str]):
-    overrides = (
-        _as_overrides(comparison.overrides)
-        + _as_overrides(comparison.variants[variant])
-        + [f"run.name={comparison.name}-{variant}-seed{seed}", f"run.seed={seed}"]
-        + ["ray.enabled=false", "ray.num_workers=1"]
-        + list(extra)
-    )
+def config_for(comparison: Comparison, variant: str, seed: int, extra: Overrides = ()) -> TrainConfig:
+    """The resolved config of one (variant, seed) run: base file + shared overrides + the variant's +
+    this run's name and seed + ``extra`` (the command line's), in one process without Ray."""
+    overrides = {
+        **comparison.overrides,
+        **comparison.variants[variant],
+        "run.name": f"{comparison.name}-{variant}-seed{seed}",
+        "run.seed": seed,
+        "ray.enabled": False,
+        "ray.num_workers": 1,
+        **as_overrides(extra),
+    }
     return resolve(load_config(comparison.base, overrides))
 
 
@@ -167,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from pipeline.data import ensure_data
+    from pipeline.loop import fit
+
+    for data, image_shape in {(cfg.data, cfg.model.image_shape) for cfg in configs.values()}:
+        ensure_data(data, image_shape)  # once per data set, not once per run
     results: dict[str, dict[int, float]] = {v: {} for v in variants}
     for i, ((variant, seed), cfg) in enumerate(configs.items(), start=1):
         log.info("[%d/%d] %s seed %d", i, len(configs), variant, seed)

@@ -7,7 +7,10 @@ data_prep/loading.py; this module only connects them to the config.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+
+from torch import Tensor
 
 from data_prep.loading import eval_loader, train_loader
 from data_prep.manifest import read_manifest
@@ -16,7 +19,8 @@ from pipeline.config import DataConfig
 
 def ensure_data(cfg: DataConfig, image_shape: tuple[int, int, int], *, build: bool = True) -> Path:
     """Check both splits; with ``build``, first build the sample set if ``cfg.source`` is ``sample``
-    and it is missing or incomplete (in one process: Ray workers only check what the driver built).
+    and it is missing or incomplete. Called once per driver process (``pipeline.train``, ``tune.search``,
+    ``pipeline.compare``), never by the workers, which read what the driver checked.
 
     ValueError when a split is missing or its images do not have the model's (C, H, W).
     """
@@ -82,3 +86,22 @@ def make_eval_loader(cfg: DataConfig, *, rank: int, world_size: int):
         num_workers=cfg.loader_workers,
         center_crop=train_crop(cfg.root),
     )
+
+
+def train_batches(loader, *, start: int, total: int, per_epoch: int) -> Iterator[Tensor]:
+    """The batches of steps ``start + 1 .. total`` from ``make_train_loader``'s loader.
+
+    Each epoch's stream is fixed by its ``set_epoch``; a resumed run replays its epoch's first
+    ``start % per_epoch`` batches, so it sees the same data order as a run without a restart.
+    """
+    step = start
+    while step < total:
+        epoch, offset = divmod(step, per_epoch)
+        loader.set_epoch(epoch)
+        for i, batch in enumerate(loader):
+            if i < offset:
+                continue
+            yield batch
+            step += 1
+            if step >= total or (step % per_epoch == 0):
+                break

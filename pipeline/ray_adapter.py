@@ -15,7 +15,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,9 @@ from ray.train.torch import TorchTrainer
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.config import TrainConfig, checkpoint_root, config_from_dict, config_to_dict
-from pipeline.data import ensure_data
-from pipeline.loop import fit
+from pipeline.config import TrainConfig, checkpoint_root
+from pipeline.faults import NO_FAULTS, Faults
+from pipeline.loop import FitResult, fit
 from pipeline.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -69,13 +68,6 @@ class RayRuntime(Runtime):
         dist.all_gather_object(out, obj)
         return out
 
-    def broadcast_object(self, obj: Any) -> Any:
-        if not self._distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
         checkpoint = ray.train.get_checkpoint()
@@ -103,25 +95,10 @@ class RayRuntime(Runtime):
 
 
 def train_worker(loop_config: dict) -> None:
-    """The per-worker function handed to ``TorchTrainer``."""
+    """The per-worker function handed to ``TorchTrainer``: the driver's typed config, as it is."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    cfg = config_from_dict(loop_config["config"])
-    fit(cfg, runtime=RayRuntime(cfg))
-
-
-@dataclass(kw_only=True)
-class RayFitResult:
-    step: int
-    test_bits_per_dim: float
-    mlflow_run_id: str | None
-    images_per_s: float
-    checkpoint_path: str | None
-
-
-def _use_gpu(cfg: TrainConfig) -> bool:
-    if isinstance(cfg.ray.use_gpu, bool):
-        return cfg.ray.use_gpu
-    return ray.cluster_resources().get("GPU", 0) >= 1
+    cfg: TrainConfig = loop_config["config"]
+    fit(cfg, runtime=RayRuntime(cfg), faults=loop_config["faults"])
 
 
 @contextlib.contextmanager
@@ -145,16 +122,17 @@ def ray_session(cfg: TrainConfig) -> Iterator[None]:
 def fit_with_ray(
     cfg: TrainConfig,
     *,
+    faults: Faults = NO_FAULTS,
     worker_fn: Callable[[dict], None] = train_worker,
     callbacks: Sequence[ray.train.UserCallback] = (),
-) -> RayFitResult:
+) -> FitResult:
     """Run ``fit`` on ``cfg.ray.num_workers`` Ray Train workers; returns rank 0's final report.
 
-    ``callbacks`` go to the Train ``RunConfig`` (a Tune trial passes ``TuneReportCallback()``).
+    The shards must exist (``ensure_data`` in the driver). ``callbacks`` go to the Train ``RunConfig``
+    (a Tune trial passes ``TuneReportCallback()``); ``faults`` (tests only) reach every worker.
     """
-    ensure_data(cfg.data, cfg.model.image_shape)  # here, once; workers only check it
     with ray_session(cfg):
-        use_gpu = _use_gpu(cfg)
+        use_gpu = cfg.ray.uses_gpu(ray.cluster_resources())
         resources = {"CPU": cfg.ray.cpus_per_worker}
         if use_gpu:
             resources["GPU"] = cfg.ray.gpus_per_worker
@@ -162,7 +140,7 @@ def fit_with_ray(
             log.info("ray.use_gpu=%s: training on CPU workers", cfg.ray.use_gpu)
         trainer = TorchTrainer(
             worker_fn,
-            train_loop_config={"config": config_to_dict(cfg)},
+            train_loop_config={"config": cfg, "faults": faults},
             scaling_config=ScalingConfig(
                 num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources
             ),
@@ -175,11 +153,5 @@ def fit_with_ray(
             ),
         )
         result = trainer.fit()
-    metrics = result.metrics or {}
-    return RayFitResult(
-        step=int(metrics.get("step", 0)),
-        test_bits_per_dim=float(metrics.get("test_bits_per_dim", float("nan"))),
-        mlflow_run_id=metrics.get("mlflow_run_id"),
-        images_per_s=float(metrics.get("images_per_s", float("nan"))),
-        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
-    )
+    checkpoint_path = result.checkpoint.path if result.checkpoint else None
+    return FitResult.from_report(result.metrics or {}, checkpoint_path=checkpoint_path)

@@ -47,10 +47,6 @@ class Runtime:
     def all_gather_object(self, obj: Any) -> list[Any]:
         return [obj]
 
-    def broadcast_object(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
-        return obj
-
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         raise NotImplementedError
 

@@ -12,8 +12,12 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from pipeline.config import TrainConfig, config_to_yaml, load_config, resolve
+
+if TYPE_CHECKING:
+    from pipeline.loop import FitResult
 
 log = logging.getLogger("pipeline.train")
 
@@ -46,33 +50,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def model_version_of(cfg: TrainConfig, run_id: str | None) -> str | None:
-    if not run_id:
-        return None
-    from mlflow.tracking import MlflowClient
+def run(cfg: TrainConfig) -> FitResult:
+    """Train ``cfg`` (already resolved): check (or build) the shards once, here, then the plain loop or
+    Ray Train (imported here: checking a config needs neither Ray nor MLflow)."""
+    from pipeline.data import ensure_data
 
-    from pipeline.loop import MODEL_VERSION_TAG
-
-    return MlflowClient(cfg.mlflow.tracking_uri).get_run(run_id).data.tags.get(MODEL_VERSION_TAG)
-
-
-def run(cfg: TrainConfig) -> dict:
-    """Train ``cfg`` (already resolved); returns a summary dict."""
+    ensure_data(cfg.data, cfg.model.image_shape)
     if cfg.ray.enabled:
         from pipeline.ray_adapter import fit_with_ray
 
-        result = fit_with_ray(cfg)
-    else:
-        from pipeline.loop import fit
+        return fit_with_ray(cfg)
+    from pipeline.loop import fit
 
-        result = fit(cfg)
-    return {
-        "step": result.step,
-        "test_bits_per_dim": result.test_bits_per_dim,
-        "images_per_s": result.images_per_s,
-        "mlflow_run_id": result.mlflow_run_id,
-        "model_version": model_version_of(cfg, result.mlflow_run_id),
-    }
+    return fit(cfg)
 
 
 def warn_if_ephemeral(raw: TrainConfig, cfg: TrainConfig) -> None:
@@ -114,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.mlflow.tracking_uri,
     )
     try:
-        summary = run(cfg)
+        result = run(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -124,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     name = cfg.mlflow.registered_model
     print(
-        f"done: step {summary['step']}, test bits/dim {summary['test_bits_per_dim']:.4f}, "
-        f"{summary['images_per_s']:.1f} images/s, MLflow run {summary['mlflow_run_id']}"
+        f"done: step {result.step}, test bits/dim {result.test_bits_per_dim:.4f}, "
+        f"{result.images_per_s:.1f} images/s, MLflow run {result.mlflow_run_id}"
     )
-    if summary["model_version"]:
+    if result.model_version:
         print(
-            f"registered {name} v{summary['model_version']}; load it with "
+            f"registered {name} v{result.model_version}; load it with "
             f"pipeline.registry.load_flow_model('models:/{name}@{cfg.mlflow.newest_alias}', "
             f"tracking_uri='{cfg.mlflow.tracking_uri}')"
         )

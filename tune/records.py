@@ -11,12 +11,12 @@ import hashlib
 import json
 import logging
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import TrainConfig
+from pipeline.config_loading import revise
 from tune.report import TrialRow, plot_learning_curves, plot_vs_depth, plot_vs_sigma, write_table
 from tune.spec import SearchSpec
 
@@ -34,9 +34,9 @@ def spec_digest(spec: SearchSpec) -> str:
         {
             "base_config": spec.base_config,
             "overrides": spec.overrides,
-            "space": [dim.describe() + dim.key for dim in spec.space],
-            "search": vars(spec.search),
-            "scheduler": vars(spec.scheduler),
+            "space": [dim.describe() + key for key, dim in spec.space.items()],
+            "search": spec.search.model_dump(),
+            "scheduler": spec.scheduler.model_dump(),
         },
         sort_keys=True,
         default=str,
@@ -72,9 +72,9 @@ def parent_run(client: MlflowClient, experiment_id: str, spec: SearchSpec, path:
     params = {
         "base_config": spec.base_config,
         **{f"overrides.{k}": v for k, v in spec.overrides.items()},
-        **{f"space.{dim.key}": dim.describe() for dim in spec.space},
-        **{f"search.{k}": v for k, v in vars(spec.search).items()},
-        **{f"scheduler.{k}": v for k, v in vars(spec.scheduler).items()},
+        **{f"space.{key}": dim.describe() for key, dim in spec.space.items()},
+        **{f"search.{k}": v for k, v in spec.search.model_dump().items()},
+        **{f"scheduler.{k}": v for k, v in spec.scheduler.model_dump().items()},
     }
     for key, value in params.items():
         client.log_param(run_id, key, str(value)[:6000])
@@ -99,7 +99,7 @@ def register_best(
     if not models:
         raise RuntimeError(f"trial {best.trial_id}: its MLflow run {best.mlflow_run_id} has no logged model")
     name = spec.mlflow.registered_model_name or cfg.mlflow.registered_model
-    mlflow_cfg = replace(cfg.mlflow, registered_model=name, register=True, parent_run_id="")
+    mlflow_cfg = revise(cfg.mlflow, {"registered_model": name})
     version = register(
         models[0].model_uri, cfg=mlflow_cfg, test_bpd=best.test_bits_per_dim, run_id=best.mlflow_run_id
     )

@@ -58,13 +58,6 @@ class TrialRow:
         }
 
 
-def get_dotted(data: dict[str, Any], key: str) -> Any:
-    node: Any = data
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
 def trial_status(tune_status: str, step: int, total_steps: int) -> str:
     """How a trial ended, in the table's words (Tune says TERMINATED for both completed and stopped)."""
     if tune_status == "ERROR":
@@ -80,17 +73,18 @@ def make_row(
     tune_status: str,
     results: Sequence[dict[str, Any]],
     config: dict[str, Any],
-    base: dict[str, Any],
+    defaults: dict[str, Any],
     keys: Sequence[str],
     metric: str,
     total_steps: int,
 ) -> TrialRow:
-    """``results``: the trial's reports in order; ``config``: its sampled values (dotted keys)."""
+    """``results``: the trial's reports in order; ``config``: its sampled values and ``defaults`` the
+    base config's, both by dotted key."""
     reported = [r for r in results if isinstance(r.get(metric), int | float)]
     last = reported[-1] if reported else {}
     finite = [float(r[metric]) for r in reported if math.isfinite(r[metric])]
     step = int(last.get("step", 0))
-    values = {key: config[key] if key in config else get_dotted(base, key) for key in keys}
+    values = {key: config[key] if key in config else defaults[key] for key in keys}
     return TrialRow(
         trial_id=trial_id,
         status=trial_status(tune_status, step, total_steps),

@@ -30,15 +30,11 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import TrainConfig, config_from_dict, config_to_dict, parse_override, resolve
+from pipeline.config import TrainConfig, resolve
+from pipeline.config_loading import flatten, revise
 from tune.records import close_stopped_runs, log_results, parent_run, register_best
-from tune.report import (
-    PLOTTED_FIELDS,
-    TrialRow,
-    make_row,
-    ranked,
-)
-from tune.spec import SearchSpec, asha_bounds, load_spec, set_dotted, spec_from_dict
+from tune.report import PLOTTED_FIELDS, TrialRow, make_row, ranked
+from tune.spec import SearchSpec, asha_bounds, load_spec
 
 log = logging.getLogger("tune.search")
 
@@ -69,23 +65,21 @@ def param_space(spec: SearchSpec) -> dict[str, Any]:
         "choice": lambda v: tune.choice(list(v)),
         "grid": lambda v: tune.grid_search(list(v)),
     }
-    return {dim.key: make[dim.kind](dim.values) for dim in spec.space}
+    return {key: make[dim.kind](dim.values) for key, dim in spec.space.items()}
 
 
 def expected_trials(spec: SearchSpec) -> int:
     if spec.search.algorithm == "grid":
-        return spec.search.num_samples * math.prod(len(dim.values) for dim in spec.space)
+        return spec.search.num_samples * math.prod(len(dim.values) for dim in spec.space.values())
     return spec.search.num_samples
 
 
 def trial_capacity(cfg: TrainConfig, resources: dict[str, float]) -> int:
     """How many trials the cluster holds at once: its GPUs (or CPUs) over one trial's needs."""
     workers = cfg.ray.num_workers
-    use_gpu = cfg.ray.use_gpu if isinstance(cfg.ray.use_gpu, bool) else resources.get("GPU", 0) >= 1
-    capacity = math.inf
     cpus = workers * cfg.ray.cpus_per_worker + TRIAL_DRIVER_CPUS
-    capacity = min(capacity, math.floor(resources.get("CPU", 0) / cpus))
-    if use_gpu and cfg.ray.gpus_per_worker > 0:
+    capacity = math.floor(resources.get("CPU", 0) / cpus)
+    if cfg.ray.uses_gpu(resources) and cfg.ray.gpus_per_worker > 0:
         capacity = min(capacity, math.floor(resources.get("GPU", 0) / (workers * cfg.ray.gpus_per_worker)))
     return int(capacity)
 
@@ -164,25 +158,22 @@ def make_tuner(
 # ------------------------------------------------------------------------------------ driver
 def base_config(spec: SearchSpec) -> TrainConfig:
     """The resolved base config (absolute paths, a concrete tracking URI) shared by every trial."""
-    data = spec.base_dict()
-    if spec.mlflow.tracking_uri:
-        data["mlflow"]["tracking_uri"] = spec.mlflow.tracking_uri
-    if spec.mlflow.experiment:
-        data["mlflow"]["experiment"] = spec.mlflow.experiment
-    return resolve(config_from_dict(data))
+    where = {"mlflow.tracking_uri": spec.mlflow.tracking_uri, "mlflow.experiment": spec.mlflow.experiment}
+    return resolve(revise(spec.base, {key: value for key, value in where.items() if value}))
 
 
-def trial_base(cfg: TrainConfig, path: Path, parent_id: str) -> dict[str, Any]:
-    data = config_to_dict(cfg)
-    for key, value in {
-        "run.root": str(path),
-        "run.progress_bar": False,
-        "mlflow.parent_run_id": parent_id,
-        "mlflow.log_model": True,  # the best one is registered by the search, not by each trial
-        "mlflow.register": False,
-    }.items():
-        set_dotted(data, key, value)
-    return data
+def trial_base(cfg: TrainConfig, path: Path, parent_id: str) -> TrainConfig:
+    """What every trial of this search shares; a trial adds its sampled values and name (tune/trial.py)."""
+    return revise(
+        cfg,
+        {
+            "run.root": str(path),
+            "run.progress_bar": False,
+            "mlflow.parent_run_id": parent_id,
+            "mlflow.log_model": True,  # the best one is registered by the search, not by each trial
+            "mlflow.register": False,
+        },
+    )
 
 
 def collect_rows(spec: SearchSpec, cfg: TrainConfig, path: Path) -> list[TrialRow]:
@@ -190,8 +181,8 @@ def collect_rows(spec: SearchSpec, cfg: TrainConfig, path: Path) -> list[TrialRo
 
     from tune.asha import reported_results
 
-    keys = list(dict.fromkeys([*(dim.key for dim in spec.space), *PLOTTED_FIELDS]))
-    base = config_to_dict(cfg)
+    keys = list(dict.fromkeys([*spec.space, *PLOTTED_FIELDS]))
+    defaults = flatten(cfg.model_dump())
     analysis = ExperimentAnalysis(str(path))
     return [
         make_row(
@@ -199,7 +190,7 @@ def collect_rows(spec: SearchSpec, cfg: TrainConfig, path: Path) -> list[TrialRo
             tune_status=trial.status,
             results=reported_results(trial),
             config=trial.config,
-            base=base,
+            defaults=defaults,
             keys=keys,
             metric=spec.search.metric,
             total_steps=cfg.total_steps,
@@ -224,7 +215,7 @@ def run_search(spec: SearchSpec, *, callbacks: Sequence[Any] = ()) -> SearchOutc
 
     cfg = base_config(spec)
     path = Path(spec.run.storage_path).resolve() / spec.run.name
-    ensure_data(cfg.data, cfg.model.image_shape)  # once, here: trials only check it
+    ensure_data(cfg.data, cfg.model.image_shape)  # once, here: neither trials nor workers check it again
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     client = MlflowClient(cfg.mlflow.tracking_uri)
     experiment_id = get_or_create_experiment(
@@ -285,21 +276,6 @@ examples:
 """
 
 
-def apply_cli_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        parts, value = parse_override(text)
-        section = parts[0]
-        if len(parts) < 2:
-            raise ValueError(f"bad override {text!r}: expected section.key=value")
-        if section in ("overrides", "space"):
-            node = data.setdefault(section, {}) or {}
-            data[section] = node
-            node[".".join(parts[1:])] = value
-        else:
-            set_dotted(data, ".".join(parts), value)
-    return data
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tune.search",
@@ -313,28 +289,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load(path: str, overrides: list[str]) -> SearchSpec:
-    if not overrides:
-        return load_spec(path)
-    from pipeline.config import read_yaml_file
-
-    data = read_yaml_file(path) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of sections")
-    return spec_from_dict(apply_cli_overrides(data, overrides), source=str(path))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        spec = load(args.config, list(args.overrides))
+        spec = load_spec(args.config, args.overrides)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.check:
-        for dim in spec.space:
-            print(f"{dim.key}: {dim.describe()}")
+        for key, dim in spec.space.items():
+            print(f"{key}: {dim.describe()}")
         print(f"ok: {expected_trials(spec)} trials ({spec.search.algorithm}), state in "
               f"{Path(spec.run.storage_path) / spec.run.name}")  # fmt: skip
         return 0

@@ -1,7 +1,7 @@
 """One Tune trial = one Ray Train run of the pipeline (the Train V2 driver pattern).
 
-Tune runs ``run_trial`` as a function trainable; it builds the trial's ``TrainConfig`` (the search's
-base config + the sampled values) and calls ``pipeline.ray_adapter.fit_with_ray``, which builds and
+Tune runs ``run_trial`` as a function trainable; it builds the trial's ``TrainConfig`` once (the
+search's base config + the sampled values) and calls ``pipeline.ray_adapter.fit_with_ray``, which builds and
 fits a ``TorchTrainer`` named ``train-trial_id=<id>`` (no timestamp, so a resumed search finds the
 trial's Ray Train checkpoints under ``<experiment>/checkpoints/`` and continues from the latest one).
 ``TuneReportCallback`` forwards what rank 0 reports with each checkpoint (``step``,
@@ -13,14 +13,14 @@ its model when it completes, and the search registers only the best one.
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Mapping
 from typing import Any
 
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from pipeline.config import TrainConfig, config_from_dict
-from tune.spec import set_dotted
+from pipeline.config import TrainConfig
+from pipeline.config_loading import revise
 
 
 def train_run_name(trial_id: str) -> str:
@@ -28,19 +28,15 @@ def train_run_name(trial_id: str) -> str:
     return f"train-trial_id={trial_id}"
 
 
-def trial_config(base: dict[str, Any], values: dict[str, Any], trial_id: str) -> TrainConfig:
+def trial_config(base: TrainConfig, values: Mapping[str, Any], trial_id: str) -> TrainConfig:
     """``base`` (resolved, with the search's run.root and MLflow settings) + sampled ``values``."""
-    data = copy.deepcopy(base)
-    for key, value in values.items():
-        set_dotted(data, key, value)
-    data["run"]["name"] = train_run_name(trial_id)
-    return config_from_dict(data)
+    return revise(base, {**values, "run.name": train_run_name(trial_id)})
 
 
-def run_trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
-    """The Tune trainable: ``config`` maps dotted TrainConfig keys to this trial's values."""
+def run_trial(config: dict[str, Any], *, base: TrainConfig) -> None:
+    """The Tune trainable: ``config`` maps dotted TrainConfig keys to this trial's values. The typed
+    config built here is the one every Ray Train worker receives."""
     from pipeline.ray_adapter import fit_with_ray
 
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = trial_config(base, config, trial_id)
-    fit_with_ray(cfg, callbacks=[TuneReportCallback()])
+    fit_with_ray(trial_config(base, config, trial_id), callbacks=[TuneReportCallback()])

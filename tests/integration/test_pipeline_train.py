@@ -13,6 +13,7 @@ from flows import build_flow
 from pipeline.checkpoint import read_checkpoint
 from pipeline.config import TrainConfig, checkpoint_root, load_config, resolve
 from pipeline.data import make_eval_loader
+from pipeline.faults import Faults
 from pipeline.loop import MODEL_VERSION_TAG
 from pipeline.ray_adapter import fit_with_ray
 from pipeline.registry import BPD_TAG, load_flow_model
@@ -62,7 +63,8 @@ def test_two_worker_run_tracks_registers_and_reloads(tmp_path, tiny_shards, mlfl
     name = cfg.mlflow.registered_model
     newest = client.get_model_version_by_alias(name, cfg.mlflow.newest_alias)
     assert newest.run_id == run.info.run_id
-    assert newest.version == run.data.tags[MODEL_VERSION_TAG]
+    assert str(newest.version) == run.data.tags[MODEL_VERSION_TAG] == result.model_version  # via Ray
+    assert result.diagnostics and all(f"diag/{k}" in run.data.metrics for k in result.diagnostics)
     assert float(newest.tags[BPD_TAG]) == pytest.approx(result.test_bits_per_dim)
     assert client.get_model_version_by_alias(name, cfg.mlflow.champion_alias).version == newest.version
 
@@ -85,9 +87,9 @@ def test_two_worker_run_tracks_registers_and_reloads(tmp_path, tiny_shards, mlfl
 def test_worker_failure_resumes_the_same_run_and_a_rerun_extends_it(
     tmp_path, tiny_shards, mlflow_server, ray_local
 ):
-    cfg = tiny(tmp_path, tiny_shards, mlflow_server, "run.name=resume", "run.fail_at_step=6",
-               "run.log_every=1", "ray.max_failures=1", "mlflow.registered_model=tiny-resume")  # fmt: skip
-    result = fit_with_ray(cfg)
+    cfg = tiny(tmp_path, tiny_shards, mlflow_server, "run.name=resume", "run.log_every=1",
+               "ray.max_failures=1", "mlflow.registered_model=tiny-resume")  # fmt: skip
+    result = fit_with_ray(cfg, faults=Faults(fail_at_step=6))  # in rank 1, before step 6
     assert result.step == 8
     run_dir = checkpoint_root(cfg) / cfg.run.name
     assert (run_dir / ".fault-injected-step6").exists()  # the fault did fire in rank 1
@@ -105,6 +107,7 @@ def test_worker_failure_resumes_the_same_run_and_a_rerun_extends_it(
                   "mlflow.registered_model=tiny-resume")  # fmt: skip
     extended = fit_with_ray(longer)
     assert extended.step == 12 and extended.mlflow_run_id == run.info.run_id
+    assert extended.model_version == "2"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/bits_per_dim")]
     assert sorted(steps) == list(range(1, 13)), steps
     versions = client.search_model_versions("name = 'tiny-resume'")

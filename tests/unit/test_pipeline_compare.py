@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.compare import load_comparison, markdown_table, summarize
+from pipeline.compare import config_for, load_comparison, markdown_table, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,9 @@ def test_shipped_comparison_builds_every_variant() -> None:
     [
         ("variants: {}\n", "variants"),
         ("seeds: []\nvariants: {static: {}}\n", "seeds"),
-        ("colour: red\nvariants: {static: {}}\n", "unknown field 'colour'"),
+        ("colour: red\nvariants: {static: {}}\n", "colour: unknown field"),
+        ("seeds: [0, 1.5]\nvariants: {static: {}}\n", r"seeds\[1\]"),
+        ("variants: {bad: {optim.lr: .nan}}\n", r"variants.bad: .*optim\.lr: must be a finite number"),
         ("variants: {bad: {model.split.strategy: magic}}\n", "variants.bad: .*strategy"),
         ("variants: {bad: {model.num_stepz: 2}}\n", "variants.bad: .*num_stepz"),
     ],
@@ -38,6 +40,25 @@ def test_bad_comparison_files_name_the_field(tmp_path: Path, text: str, match: s
     path.write_text("base: configs/tiny.yaml\n" + text)
     with pytest.raises(ValueError, match=match):
         load_comparison(path)
+
+
+def test_variant_values_are_applied_as_typed_values(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    path = tmp_path / "cmp.yaml"
+    path.write_text(
+        "base: configs/tiny.yaml\noverrides: {run.sample_temperatures: [0.7]}\n"
+        "variants: {small-lr: {optim.lr: 3e-4, model.split.sigma: 1.0e-1}}\n"
+    )
+    comparison = load_comparison(path)
+    assert comparison.name == "cmp"
+    cfg = config_for(comparison, "small-lr", 3, ["run.epochs=1"])
+    assert cfg.optim.lr == 3e-4 and cfg.model.split.sigma == 0.1 and cfg.run.sample_temperatures == (0.7,)
+    assert (cfg.run.name, cfg.run.seed, cfg.run.epochs, cfg.ray.enabled) == (
+        "cmp-small-lr-seed3",
+        3,
+        1,
+        False,
+    )
 
 
 def test_summary_uses_paired_differences() -> None:

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from flows.strategies import STRATEGIES
-from pipeline.config import (
-    TrainConfig,
-    apply_overrides,
-    config_from_dict,
-    config_to_dict,
-    config_to_yaml,
-    flatten,
-    load_config,
-    parse_override,
-    resolve,
-)
+from pipeline.config import TrainConfig, config_to_yaml, load_config, resolve
+from pipeline.config_loading import flatten, parse_override, revise, validate, with_overrides
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SHIPPED = ("tiny", "sample", "imagenet64", "lsun_bedroom64")
@@ -28,14 +19,16 @@ def test_shipped_experiments_load_and_round_trip(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert isinstance(cfg, TrainConfig)
     assert cfg.run.name == name
-    assert config_from_dict(config_to_dict(cfg)) == cfg
+    assert validate(TrainConfig, cfg.model_dump()) == cfg
+    assert validate(TrainConfig, cfg.model_dump(mode="json")) == cfg  # lists back to tuples
 
 
-def test_default_split_is_eiw_when_registered():
-    cfg = load_config(CONFIGS / "tiny.yaml")
-    expected = "eiw" if "eiw" in STRATEGIES else STRATEGIES[0]
-    assert cfg.model.split.strategy == expected
-    assert TrainConfig().model.split.strategy == expected
+def test_default_split_is_eiw():
+    cfg = load_config(CONFIGS / "tiny.yaml")  # no model.split at all
+    assert cfg.model.split.strategy == "eiw"
+    assert TrainConfig().model.split.strategy == "eiw"
+    # A split section that sets other fields keeps the pipeline's default strategy too.
+    assert load_config(CONFIGS / "tiny.yaml", ["model.split.sigma=0.1"]).model.split.strategy == "eiw"
 
 
 def test_paper_scale_configs_match_their_data():
@@ -108,7 +101,64 @@ def test_bad_override_syntax(text):
 
 def test_override_into_a_scalar_is_rejected():
     with pytest.raises(ValueError, match="not a section"):
-        apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr.x=1"])
+        with_overrides({"optim": {"lr": 1.0}}, ["optim.lr.x=1"])
+    with pytest.raises(ValueError, match="optim.lr.x"):
+        load_config(CONFIGS / "tiny.yaml", ["optim.lr.x=1"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr=.inf", "optim.lr"),
+        ("optim.lr=.nan", "optim.lr"),
+        ("optim.weight_decay=-.inf", "optim.weight_decay"),
+        ("optim.betas=[0.9, .nan]", "optim.betas[1]"),
+        ("optim.decay_per_epoch=.nan", "optim.decay_per_epoch"),
+        ("optim.grad_clip_norm=.inf", "optim.grad_clip_norm"),
+        ("run.sample_temperatures=[.nan]", "run.sample_temperatures[0]"),
+        ("run.sample_temperatures=[0.5, .inf]", "run.sample_temperatures[1]"),
+        ("ray.cpus_per_worker=.inf", "ray.cpus_per_worker"),
+        ("ray.gpus_per_worker=.nan", "ray.gpus_per_worker"),
+        ("model.split.sigma=.nan", "model.split.sigma"),
+        ("model.split.sigma=.inf", "model.split.sigma"),
+        ("model.split.ema_momentum=.nan", "model.split.ema_momentum"),
+        ("model.split.hysteresis_margin=.inf", "model.split.hysteresis_margin"),
+        ("model.split.lcma_momentum=.nan", "model.split.lcma_momentum"),
+    ],
+)
+def test_nan_and_infinite_floats_are_refused_naming_the_key(override, key):
+    with pytest.raises(ValueError) as info:
+        load_config(CONFIGS / "tiny.yaml", [override])
+    assert f"{key}: must be a finite number" in str(info.value)
+    assert "tiny.yaml" in str(info.value)
+
+
+def test_every_float_field_refuses_nan_and_inf():
+    """Walk every float of the config, including flows' dataclasses and fields added later."""
+    flat = flatten(TrainConfig().model_dump())
+    floats = [k for k, v in flat.items() if isinstance(v, float)]
+    floats += [f"{k}[0]" for k, v in flat.items() if isinstance(v, tuple) and v and isinstance(v[0], float)]
+    assert {"optim.lr", "model.split.sigma", "run.sample_temperatures[0]"} <= set(floats)
+    for key in floats:
+        field, _, index = key.partition("[")
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            value = bad
+            if index:
+                value = list(flat[field])
+                value[int(index[:-1])] = bad
+            with pytest.raises(ValueError, match=rf"{re.escape(key)}: must be a finite number"):
+                load_config(None, {field: value})
+
+
+def test_revise_validates_typed_values():
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    changed = revise(cfg, {"optim.lr": 3e-4, "model.image_shape": (3, 64, 64)})
+    assert changed.optim.lr == 3e-4 and changed.model.image_shape == (3, 64, 64)
+    assert cfg.optim.lr == 1e-3  # the original is untouched (configs are immutable)
+    with pytest.raises(ValueError, match=r"optim\.lr: must be a finite number"):
+        revise(cfg, {"optim.lr": float("inf")})
+    with pytest.raises(ValueError, match=r"model\.split\.strategy: unknown 'magic'"):
+        revise(cfg, {"model.split.strategy": "magic"})
 
 
 def test_missing_or_malformed_file(tmp_path):
@@ -118,6 +168,17 @@ def test_missing_or_malformed_file(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ValueError, match="mapping"):
         load_config(bad)
+
+
+def test_a_bad_value_in_a_file_names_the_file_and_the_key(tmp_path):
+    p = tmp_path / "exp.yaml"
+    p.write_text("run:\n  sample_temperatures: [0.5, .nan]\nmodel:\n  split: {strategy: magic}\n")
+    with pytest.raises(ValueError) as info:
+        load_config(p)
+    text = str(info.value)
+    assert text.startswith(f"{p}: ")
+    assert "run.sample_temperatures[1]: must be a finite number, got nan" in text
+    assert "model.split.strategy: unknown 'magic'" in text
 
 
 def test_yaml_scientific_notation_reads_as_float(tmp_path):
@@ -145,6 +206,6 @@ def test_yaml_dump_and_flat_params():
     cfg = load_config(CONFIGS / "tiny.yaml")
     text = config_to_yaml(cfg)
     assert "batches_per_epoch: 4" in text
-    flat = flatten(config_to_dict(cfg))
+    flat = flatten(cfg.model_dump())
     assert flat["model.split.strategy"] == cfg.model.split.strategy
     assert flat["data.sample.num_train"] == 64

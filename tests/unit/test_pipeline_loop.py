@@ -17,7 +17,8 @@ from flows import build_flow, initialize_actnorm
 from pipeline.checkpoint import LocalCheckpoints, read_checkpoint
 from pipeline.config import TrainConfig, checkpoint_root, load_config, resolve
 from pipeline.data import ensure_data, make_eval_loader, make_train_loader
-from pipeline.loop import InjectedFault, NonFiniteLossError, fit
+from pipeline.faults import Faults, InjectedFault
+from pipeline.loop import FitResult, NonFiniteLossError, fit
 from pipeline.runtime import LocalRuntime
 from pipeline.step import TrainingObjective, evaluate, lr_factor, make_optimizer, train_step
 
@@ -119,9 +120,9 @@ def test_evaluate_reads_every_test_image_once_and_is_reproducible(data_cfg):
 
 def test_persistent_nonfinite_loss_stops_with_the_last_good_checkpoint(data_cfg):
     workdir = Path(data_cfg.run.root).parent
-    cfg = tiny_config(workdir, "run.name=nan-stop", "run.nan_loss_from_step=5", "run.max_nonfinite_in_row=2")
+    cfg = tiny_config(workdir, "run.name=nan-stop", "run.max_nonfinite_in_row=2")
     with pytest.raises(NonFiniteLossError, match="non-finite for 2 steps in a row") as info:
-        fit(cfg)
+        fit(cfg, faults=Faults(nan_loss_from_step=5))
     assert "last good checkpoint" in str(info.value)
     latest = LocalCheckpoints(checkpoint_root(cfg) / cfg.run.name, num_to_keep=2).latest()
     assert latest is not None and latest.name == "checkpoint_000000004"
@@ -135,16 +136,19 @@ def test_persistent_nonfinite_loss_stops_with_the_last_good_checkpoint(data_cfg)
 
 def test_crash_and_rerun_resumes_the_same_run_without_duplicate_steps(data_cfg):
     workdir = Path(data_cfg.run.root).parent
-    cfg = tiny_config(workdir, "run.name=resume", "run.fail_at_step=6", "run.log_every=1")
+    cfg = tiny_config(workdir, "run.name=resume", "run.log_every=1")
+    faults = Faults(fail_at_step=6)
     with pytest.raises(InjectedFault):
-        fit(cfg)
+        fit(cfg, faults=faults)
     first = LocalCheckpoints(checkpoint_root(cfg) / cfg.run.name, num_to_keep=2).latest()
     assert first is not None and read_checkpoint(first)["step"] == 4
     run_id = read_checkpoint(first)["mlflow_run_id"]
 
-    result = fit(cfg)  # same run name: resumes from step 4; the fault marker keeps it from firing again
+    result = fit(cfg, faults=faults)  # resumes from step 4; the fault marker keeps it from firing again
     assert result.step == cfg.total_steps == 8
     assert result.mlflow_run_id == run_id
+    assert result.skipped_steps == 0 and math.isfinite(result.test_bits_per_dim)
+    assert result.checkpoint_path is not None and read_checkpoint(result.checkpoint_path)["step"] == 8
     client = MlflowClient(cfg.mlflow.tracking_uri)
     steps = [m.step for m in client.get_metric_history(run_id, "train/bits_per_dim")]
     assert sorted(steps) == list(range(1, 9)), steps  # every step once: 5 was never logged twice
@@ -153,4 +157,37 @@ def test_crash_and_rerun_resumes_the_same_run_without_duplicate_steps(data_cfg):
     assert client.get_run(run_id).info.status == "FINISHED"
     artifacts = [a.path for a in client.list_artifacts(run_id, "samples")]
     assert any(p.endswith("_T0.7.png") for p in artifacts), artifacts
+    # The split strategy's diagnostics: logged at every log step, and the final values in the result.
+    assert cfg.model.split.strategy == "eiw" and "split0/w_entropy" in result.diagnostics
+    for key in result.diagnostics:
+        diag_steps = [m.step for m in client.get_metric_history(run_id, f"diag/{key}")]
+        assert sorted(diag_steps) == list(range(1, 9)), (key, diag_steps)
+    params = client.get_run(run_id).data.params
+    assert params["optim.lr"] == str(cfg.optim.lr) and not any("fail_at_step" in k for k in params)
     mlflow.end_run()
+
+
+def test_local_run_returns_the_registered_version_and_a_rerun_logs_nothing_twice(data_cfg):
+    workdir = Path(data_cfg.run.root).parent
+    cfg = tiny_config(
+        workdir, "run.name=registered", "mlflow.log_model=true", "mlflow.register=true",
+        "mlflow.registered_model=loop-test", "run.epochs=1",
+    )  # fmt: skip
+    result = fit(cfg)
+    assert result.step == 4 and result.model_version == "1"
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    assert str(client.get_model_version_by_alias("loop-test", cfg.mlflow.newest_alias).version) == "1"
+    again = fit(cfg)  # finished already: the same result, no second model version
+    assert (again.step, again.model_version, again.mlflow_run_id) == (4, "1", result.mlflow_run_id)
+    assert len(client.search_model_versions("name = 'loop-test'")) == 1
+    mlflow.end_run()
+
+
+def test_fit_result_survives_the_ray_report():
+    result = FitResult(
+        step=8, test_bits_per_dim=5.5, mlflow_run_id="abc", model_version=None, images_per_s=12.0,
+        skipped_steps=1, diagnostics={"split0/churn": 0.25}, checkpoint_path="/x",
+    )  # fmt: skip
+    report = result.as_report()
+    assert report["diag/split0/churn"] == 0.25 and report["model_version"] == ""
+    assert FitResult.from_report(report, checkpoint_path="/x") == result

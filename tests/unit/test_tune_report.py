@@ -16,7 +16,12 @@ from tune.report import make_row, plot_learning_curves, plot_vs_depth, plot_vs_s
 from tune.search import main
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = {"model": {"num_steps": 2, "num_levels": 2, "split": {"sigma": 1e-3, "regularizer": "reference"}}}
+DEFAULTS = {
+    "model.num_steps": 2,
+    "model.num_levels": 2,
+    "model.split.sigma": 1e-3,
+    "model.split.regularizer": "reference",
+}
 KEYS = ("model.split.sigma", "model.num_steps", "model.num_levels", "model.split.regularizer")
 
 
@@ -30,7 +35,7 @@ def row(trial_id: str, status: str, pairs, **config):
         tune_status=status,
         results=reports(*pairs),
         config=config,
-        base=BASE,
+        defaults=DEFAULTS,
         keys=KEYS,
         metric="test_bits_per_dim",
         total_steps=16,

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import config_from_dict, load_config
-from tune.search import apply_cli_overrides, concurrency, expected_trials, param_space, trial_capacity
+from pipeline.config import load_config
+from tune.search import concurrency, expected_trials, param_space, trial_capacity
 from tune.spec import asha_bounds, load_spec, spec_from_dict
+from tune.trial import trial_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TUNE_CONFIGS = ROOT / "configs" / "tune"
@@ -41,7 +42,7 @@ def test_shipped_search_files_load(name, monkeypatch):
     monkeypatch.chdir(ROOT)  # base_config paths are relative to the repo root
     spec = load_spec(TUNE_CONFIGS / f"{name}.yaml")
     assert spec.run.name and spec.space
-    keys = {dim.key for dim in spec.space}
+    keys = set(spec.space)
     if name != "tiny":  # the real searches cover sigma, depth, lr and the regularizer form
         assert {"model.split.sigma", "model.num_steps", "model.num_levels", "optim.lr"} <= keys
         assert "model.split.regularizer" in keys
@@ -51,10 +52,18 @@ def test_shipped_search_files_load(name, monkeypatch):
 def test_tiny_grid_and_asha_bounds():
     spec = spec_from_dict(tiny_dict())
     assert expected_trials(spec) == 4
-    base = spec.base_dict()
-    assert base["run"]["epochs"] == 4 and base["data"]["batches_per_epoch"] == 4
-    grace, max_t = asha_bounds(config_from_dict(base), spec.scheduler)
+    assert spec.base.run.epochs == 4 and spec.base.data.batches_per_epoch == 4
+    grace, max_t = asha_bounds(spec.base, spec.scheduler)
     assert (grace, max_t) == (8, 12)  # the last report (step 16) is past every rung
+
+
+def test_a_trial_is_the_base_config_plus_its_values():
+    spec = spec_from_dict(tiny_dict())
+    cfg = trial_config(spec.base, {"optim.lr": 3e-3, "model.split.sigma": 0.1}, "abc_00001")
+    assert (cfg.optim.lr, cfg.model.split.sigma, cfg.run.name) == (3e-3, 0.1, "train-trial_id=abc_00001")
+    assert cfg.run.epochs == spec.base.run.epochs == 4  # everything else is the base's
+    with pytest.raises(ValueError, match=r"model\.split\.sigma: must be a finite number"):
+        trial_config(spec.base, {"model.split.sigma": float("nan")}, "abc_00002")
 
 
 @pytest.mark.parametrize(
@@ -84,6 +93,14 @@ def test_tiny_grid_and_asha_bounds():
         ({"run.epochs": {"choice": [2, 4]}}, "space.run.epochs: run.*, mlflow.*, ray.*"),
         ({"model.num_steps": {"grid": [2, 4]}}, "space.model.num_steps: grid needs search.algorithm: grid"),
         ({}, "space: needs at least one dimension"),
+        (
+            {"model.split.sigma": {"uniform": [0.0, float("inf")]}},
+            "space.model.split.sigma: uniform needs two numeric bounds",
+        ),
+        (
+            {"model.split.sigma": {"choice": [0.1, float("nan")]}},
+            "space.model.split.sigma: nan is not a valid",
+        ),
     ],
 )
 def test_bad_space_names_the_field(space, message):
@@ -101,13 +118,21 @@ def test_bad_space_names_the_field(space, message):
         ),
         ({"search": {"algorithm": "random"}}, "search.algorithm: unknown 'random'"),
         ({"search": {"algorithm": "grid", "max_concurrent_trials": 0}}, "search.max_concurrent_trials"),
-        ({"search": {"algorithm": "grid", "metric": "loss"}}, "search.metric: 'loss' is not reported"),
+        ({"search": {"algorithm": "grid", "metric": "loss"}}, "search.metric: unknown 'loss'"),
         ({"search": {"algorithm": "grid", "samples": 3}}, "search.samples: unknown field"),
+        ({"search": {"algorithm": "grid", "num_samples": 0}}, "search.num_samples: input should be greater"),
         ({"scheduler": {"type": "pbt"}}, "scheduler.type: unknown 'pbt'"),
         ({"scheduler": {"type": "asha", "max_t": 16}}, "scheduler.max_t: rungs must end before"),
         ({"scheduler": {"type": "asha", "grace_period": 13}}, "scheduler.grace_period: 13 steps is beyond"),
-        ({"scheduler": {"type": "asha", "reduction_factor": 1}}, "scheduler.reduction_factor: must be > 1"),
-        ({"run": {"storage_path": "x"}}, "run: "),
+        (
+            {"scheduler": {"type": "asha", "reduction_factor": 1}},
+            "scheduler.reduction_factor: input should be greater than 1",
+        ),
+        (
+            {"scheduler": {"type": "asha", "reduction_factor": float("inf")}},
+            "scheduler.reduction_factor: must be a finite number",
+        ),
+        ({"run": {"storage_path": "x"}}, "run.name: required"),
         ({"run": {"name": "a/b"}}, "run.name: must be a plain directory name"),
         ({"run": {"name": "s", "storage_path": "s3://bucket/tune"}}, "run.storage_path: 's3://bucket/tune'"),
         ({"mlflow": {"alias": "latest"}}, "mlflow.alias: 'latest'"),
@@ -117,7 +142,12 @@ def test_bad_space_names_the_field(space, message):
         ({"overrides": {"run.checkpoint_every": 6}}, "run.checkpoint_every: Tune sees test bits/dim only"),
         ({"overrides": {"run.epochs": 1}}, "scheduler.type: asha needs two or more reports"),
         ({"base_config": "configs/nope.yaml"}, "base_config: no such file"),
-        ({"searchh": {}}, "searchh: unknown section"),
+        ({"overrides": {"optim.lr": float("nan")}}, "overrides.optim.lr: must be a finite number"),
+        (
+            {"overrides": {"run.sample_temperatures": [float("inf")]}},
+            "overrides.run.sample_temperatures[0]: must be a finite number",
+        ),
+        ({"searchh": {}}, "searchh: unknown field"),
     ],
 )
 def test_bad_search_file_names_the_field(changes, message):
@@ -127,7 +157,7 @@ def test_bad_search_file_names_the_field(changes, message):
 
 
 def test_cli_overrides_reach_sections_and_dotted_fields():
-    data = apply_cli_overrides(
+    spec = spec_from_dict(
         tiny_dict(),
         [
             "run.name=other",
@@ -136,7 +166,6 @@ def test_cli_overrides_reach_sections_and_dotted_fields():
             "space.model.num_steps={grid: [1, 2]}",
         ],
     )
-    spec = spec_from_dict(data)
     assert spec.run.name == "other" and spec.search.num_samples == 2
     assert spec.overrides["run.epochs"] == 6
     assert expected_trials(spec) == 2 * 2 * 2 * 2
