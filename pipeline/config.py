@@ -210,6 +210,16 @@ class TrainConfig(ConfigModel):
         return self.run.epochs * self.data.batches_per_epoch
 
 
+class _FlowConfigFile(ConfigModel):
+    model: FlowConfig
+
+
+def flow_config_from_dict(data: Any, *, source: str = "") -> FlowConfig:
+    """A plain dict (a logged model's ``flow_config.json``) -> ``FlowConfig``, checked like an
+    experiment's model section: an unknown key or bad value is a ValueError naming ``model.<field>``."""
+    return validate(_FlowConfigFile, {"model": data}, source=source).model
+
+
 def load_config(path: str | os.PathLike | None, overrides: Overrides = ()) -> TrainConfig:
     """Experiment YAML (or the defaults when ``path`` is None) + overrides -> TrainConfig."""
     if path is None:

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from flows import FlowConfig, SplitConfig
-from pipeline.config import TrainConfig, load_config
+from pipeline.config import TrainConfig, flow_config_from_dict, load_config
 from pipeline.config_loading import validate
 
 
@@ -68,3 +68,12 @@ def test_round_trip_through_dict() -> None:
     )
     assert isinstance(cfg.model, FlowConfig) and isinstance(cfg.model.split, SplitConfig)
     assert validate(TrainConfig, cfg.model_dump(mode="json")).model == cfg.model
+
+
+def test_flow_config_from_a_plain_dict() -> None:
+    cfg = FlowConfig(image_shape=(1, 16, 16), num_levels=2, split=SplitConfig(strategy="lcma"))
+    assert flow_config_from_dict(dataclasses.asdict(cfg)) == cfg
+    with pytest.raises(ValueError, match=r"flow_config\.json: model\.split\.sigma: must be a finite number"):
+        flow_config_from_dict({"split": {"sigma": float("nan")}}, source="flow_config.json")
+    with pytest.raises(ValueError, match=r"model\.hidden: unknown field"):
+        flow_config_from_dict({"hidden": 3})
