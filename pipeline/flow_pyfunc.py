@@ -5,9 +5,10 @@ A logged model holds two files, read back by ``read_flow_files`` (the only loade
 - ``weights.pt``: the ``state_dict`` (CPU, floating tensors as float32) written with ``torch.save``
   and read with ``torch.load(weights_only=True)``, whose restricted unpickler accepts tensors,
   containers and numbers only: a file that names any other callable is refused before it runs.
-- ``flow_config.json``: ``flows.FlowConfig`` as a plain dict (``flows.dataclass_to_dict``), rebuilt
-  with the strict ``flows.dataclass_from_dict`` (an unknown key is an error naming it; a key a later
-  version of ``SplitConfig`` added takes its default).
+- ``flow_config.json``: ``flows.FlowConfig`` as a plain dict (``dataclasses.asdict``), rebuilt with
+  ``pipeline.config.flow_config_from_dict``, checked like an experiment's ``model`` section (an
+  unknown key or bad value is an error naming it; a field a later ``SplitConfig`` added takes its
+  default).
 
 The ``FlowModel`` is rebuilt from this package's code (``flows.build_flow``), then
 ``load_state_dict(strict=True)``; ActNorm's ``initialized`` flags and the split strategies' held
@@ -25,6 +26,7 @@ uint8 batch ``(N, C, H, W)``, declared as a tensor spec. ``params``:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pickle
@@ -38,7 +40,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
-from flows import FlowConfig, FlowModel, build_flow, dataclass_from_dict, dataclass_to_dict
+from flows import FlowConfig, FlowModel, build_flow
+from pipeline.config import flow_config_from_dict
 
 # Recorded in the MLmodel's metadata: how ``load_flow_model`` tells these models from the pickled
 # ``mlflow.pytorch`` ones logged before.
@@ -64,16 +67,6 @@ class UnsafeModelFileError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------- files
-def config_from_dict(data: Any, *, source: str = "flow config") -> FlowConfig:
-    """A plain dict (from JSON) -> ``FlowConfig``; bad keys and values are a ``ValueError`` naming them."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
-    try:
-        return dataclass_from_dict(FlowConfig, data)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from e
-
-
 def write_flow_files(model: FlowModel, directory: str | Path) -> dict[str, str]:
     """Write ``model``'s weights and config into ``directory``; returns {artifact name: path}."""
     if not isinstance(model, FlowModel):
@@ -88,7 +81,7 @@ def write_flow_files(model: FlowModel, directory: str | Path) -> dict[str, str]:
     weights = directory / WEIGHTS_FILE
     config = directory / CONFIG_FILE
     torch.save(state, weights)
-    config.write_text(json.dumps(dataclass_to_dict(model.cfg), indent=2, sort_keys=True) + "\n", "utf-8")
+    config.write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2, sort_keys=True) + "\n", "utf-8")
     return {WEIGHTS_ARTIFACT: str(weights), CONFIG_ARTIFACT: str(config)}
 
 
@@ -119,7 +112,7 @@ def read_flow_files(
         data = json.loads(Path(config_path).read_text("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{config_path}: not a readable JSON flow config: {e}") from e
-    model = build_flow(config_from_dict(data, source=str(config_path)))
+    model = build_flow(flow_config_from_dict(data, source=str(config_path)))
     state = read_state_dict(weights_path)
     try:
         model.load_state_dict(state, strict=True)
