@@ -170,8 +170,8 @@ def _as_uint8_batch(model_input: Any, cfg: FlowConfig) -> torch.Tensor:
 class FlowPyfunc(mlflow.pyfunc.PythonModel):
     """Scores uint8 images in bits/dim, or samples images; see the module docstring for ``params``.
 
-    ``model_config={"device": "cuda"}`` at load time (``mlflow.pyfunc.load_model(..., model_config=)``)
-    runs it on a GPU; the default is the CPU.
+    ``model_config={"device": "cuda"}`` at load time (``mlflow.pyfunc.load_model(..., model_config=)``,
+    or MLFLOW_PYFUNC_INFERENCE_CONFIG for ``mlflow models serve``) runs it on a GPU; the default is the CPU.
     """
 
     model: FlowModel

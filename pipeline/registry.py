@@ -83,6 +83,10 @@ def _model_kwargs(model: FlowModel, files: dict[str, str], test_bpd: float | Non
         "input_example": input_example_for(model.cfg),
         "pip_requirements": _requirements(),
         "metadata": metadata,
+        # Declared so that it can be overridden at load time (MLflow drops keys not logged here):
+        # ``load_model(..., model_config={"device": "cuda"})`` or, for ``mlflow models serve``, the
+        # environment variable MLFLOW_PYFUNC_INFERENCE_CONFIG='{"device": "cuda"}'.
+        "model_config": {"device": "cpu"},
     }
 
 

@@ -269,3 +269,15 @@ def test_an_old_pickled_model_is_refused_without_running_it(old_pickled, tmp_pat
     with pytest.raises(ValueError, match="refusing to load a pickled"):
         load_flow_model(str(model_dir))
     assert not marker.exists()
+
+
+def test_pyfunc_model_config_chooses_the_device(saved, monkeypatch):
+    # "meta" stands in for "cuda" on a machine without a GPU: the setting reaches the rebuilt model.
+    def devices(pyfunc) -> set[str]:
+        return {p.device.type for p in pyfunc.unwrap_python_model().model.parameters()}
+
+    assert devices(mlflow.pyfunc.load_model(str(saved))) == {"cpu"}
+    assert devices(mlflow.pyfunc.load_model(str(saved), model_config={"device": "meta"})) == {"meta"}
+    # What `mlflow models serve` reads, as it takes no model_config argument.
+    monkeypatch.setenv("MLFLOW_PYFUNC_INFERENCE_CONFIG", json.dumps({"device": "meta"}))
+    assert devices(mlflow.pyfunc.load_model(str(saved))) == {"meta"}
