@@ -17,16 +17,16 @@ from data_prep.manifest import read_manifest
 from pipeline.config import DataConfig
 
 
-def ensure_data(cfg: DataConfig, image_shape: tuple[int, int, int], *, build: bool = True) -> Path:
-    """Check both splits; with ``build``, first build the sample set if ``cfg.source`` is ``sample``
-    and it is missing or incomplete. Called once per driver process (``pipeline.train``, ``tune.search``,
+def ensure_data(cfg: DataConfig, image_shape: tuple[int, int, int]) -> Path:
+    """Check both splits, first building the sample set if ``cfg.source`` is ``sample`` and it is
+    missing or incomplete. Called once per driver process (``pipeline.train``, ``tune.search``,
     ``pipeline.compare``), never by the workers, which read what the driver checked.
 
     ValueError when a split is missing or its images do not have the model's (C, H, W).
     """
     root = Path(cfg.root)
     channels, height, width = image_shape
-    if cfg.source == "sample" and build:
+    if cfg.source == "sample":
         from data_prep.sources.sample import ensure_sample_shards
 
         if height != width:
