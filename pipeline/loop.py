@@ -287,7 +287,7 @@ def _log_final_artifacts(
     step = state.step
     if tracker.get_tag(FINAL_STEP_TAG) == str(step):
         version = tracker.get_tag(MODEL_VERSION_TAG)
-        console.say(f"step {step}: already finished and logged (model version {version})")
+        console.say(f"step {step}: the final model was logged before (version {version}); not again")
         return version
     with tempfile.TemporaryDirectory(prefix="eiw-final-") as tmp:
         config_path = Path(tmp) / "config.yaml"
