@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ MAX_SAMPLES = 1024
 
 
 class UnsafeModelFileError(ValueError):
-    """A model file that is not plain tensors (or plain JSON): refused before anything in it runs."""
+    """A weights file that is not plain tensors: refused before anything in it runs."""
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -91,12 +92,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # The restricted unpickler stops at the first global it does not allow, before calling it.
+        # torch's message goes on to suggest weights_only=False; keep only its reason.
+        reason = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\. Please use|\n\n|$)", str(e), re.S)
         raise UnsafeModelFileError(
-            f"{path}: refusing to load: not a plain tensor file (torch's weights-only loader "
-            f"rejected it; nothing in it was run): {str(e).splitlines()[0]}"
+            f"{path}: refusing to load: not a plain tensor file (torch's weights-only loader: "
+            f"{' '.join(reason.group(1).split()) if reason else 'rejected'}); nothing in it was run"
         ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UnsafeModelFileError(f"{path}: not a readable torch weights file: {e}") from e
+    except OSError:
+        raise
+    except Exception as e:  # truncated, or not a torch file at all (torch raises many kinds)
+        raise ValueError(f"{path}: not a readable torch weights file: {type(e).__name__}: {e}") from e
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):

@@ -73,7 +73,7 @@ def write_payload(path: Path, marker: Path, *, torch_format: bool) -> None:
     if torch_format:
         torch.save({"levels.0.weight": Payload(marker)}, path)  # a torch zip archive around the pickle
     else:
-        path.write_bytes(pickle.dumps(Payload(marker)))
+        path.write_bytes(pickle.dumps(Payload(marker), protocol=2))  # torch reads protocol 2 opcodes
 
 
 def test_the_payload_is_live_when_unpickled(tmp_path):
@@ -146,8 +146,9 @@ def test_tampered_weights_are_refused_before_anything_runs(flow, tmp_path, torch
     files = write_flow_files(flow, tmp_path / "files")
     marker = tmp_path / "ran"
     write_payload(Path(files["weights"]), marker, torch_format=torch_format)
-    with pytest.raises(UnsafeModelFileError, match="refusing to load"):
+    with pytest.raises(UnsafeModelFileError, match="refusing to load.*GLOBAL .*open") as refused:
         read_flow_files(files["weights"], files["config"])
+    assert "weights_only` set to `False`" not in str(refused.value)  # not torch's advice to do so
     assert not marker.exists()
 
 
@@ -156,6 +157,17 @@ def test_a_weights_file_that_is_not_a_mapping_of_tensors_is_refused(flow, tmp_pa
     torch.save([torch.zeros(1)], files["weights"])
     with pytest.raises(UnsafeModelFileError, match="mapping of parameter names to tensors"):
         read_flow_files(files["weights"], files["config"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_weights_file_is_a_value_error(flow, tmp_path, damage):
+    files = write_flow_files(flow, tmp_path)
+    weights = Path(files["weights"])
+    data = {"truncated": weights.read_bytes()[:500], "garbage": b"not a torch file", "empty": b""}[damage]
+    weights.write_bytes(data)
+    # Garbage reaches torch's restricted unpickler, which refuses it like a payload.
+    with pytest.raises(ValueError, match="not a readable torch weights file|refusing to load"):
+        read_flow_files(weights, files["config"])
 
 
 # ---------------------------------------------------------------------------------------- saved model
