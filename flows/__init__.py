@@ -2,7 +2,7 @@
 
 from flows.actnorm import ActNorm, initialize_actnorm
 from flows.bijection import Bijection, Compose
-from flows.config import FlowConfig, SplitConfig, dataclass_from_dict, dataclass_to_dict
+from flows.config import FlowConfig, SplitConfig
 from flows.coupling import AdditiveCoupling, AffineCoupling
 from flows.invconv import InvConv1x1
 from flows.model import FlowModel, build_flow
@@ -23,7 +23,5 @@ __all__ = [
     "SplitConfig",
     "Squeeze",
     "build_flow",
-    "dataclass_from_dict",
-    "dataclass_to_dict",
     "initialize_actnorm",
 ]

@@ -1,21 +1,12 @@
-"""Typed model configuration and a strict dict -> dataclass loader.
-
-``dataclass_from_dict`` is deliberately strict: an unknown key or a value of the wrong type is a
-``ValueError`` naming its dotted path (``model.split.sigma``), because a silently ignored typo in an
-experiment config wastes a GPU-week.
-"""
+"""Typed model configuration: plain dataclasses whose ``__post_init__`` checks raise ``ValueError``
+naming the field. The pipeline validates them from YAML (pipeline/config.py, pydantic), so flows/
+imports only torch and the standard library."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-T = TypeVar("T")
 
 COUPLINGS = ("affine", "additive")
 SPLIT_STRATEGIES = ("static", "static_swapped", "eiw", "lcma")
@@ -154,95 +145,3 @@ class FlowConfig:
     def num_dims(self) -> int:
         c, h, w = self.image_shape
         return c * h * w
-
-
-def _check_value(value: Any, annotation: Any, path: str) -> Any:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ValueError(f"{path}: expected a mapping, got {value!r}")
-        return dataclass_from_dict(annotation, value, path=path)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_value(value, arg, path)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0] if errors else f"{path}: bad value {value!r}")
-    if origin is typing.Literal:
-        if value not in args:
-            raise ValueError(f"{path}: {value!r} is not one of {args}")
-        return value
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{path}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ValueError(f"{path}: expected {len(args)} items, got {len(value)}")
-            return tuple(
-                _check_value(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
-            )
-        item = args[0] if args else Any
-        items = [_check_value(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
-    if annotation is Any:
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{path}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def dataclass_from_dict(cls: type[T], data: dict[str, Any], *, path: str = "") -> T:
-    """Build ``cls`` from a (YAML-loaded) dict; unknown keys and wrong types raise ValueError."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{path or cls.__name__}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ValueError(f"unknown config field {where}{unknown[0]} (known: {', '.join(sorted(known))})")
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _check_value(value, hints[name], f"{path}.{name}" if path else name)
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}" if path else str(e)) from e
-
-
-def dataclass_to_dict(obj: Any) -> dict[str, Any]:
-    """The inverse of ``dataclass_from_dict`` (tuples become lists, so YAML and JSON round-trip)."""
-
-    def convert(v: Any) -> Any:
-        if isinstance(v, tuple | list):
-            return [convert(i) for i in v]
-        if isinstance(v, dict):
-            return {k: convert(i) for k, i in v.items()}
-        return v
-
-    return convert(dataclasses.asdict(obj))

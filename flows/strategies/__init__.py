@@ -71,11 +71,6 @@ def build_split_strategy(cfg: SplitConfig, *, num_channels: int, height: int, wi
     return builder(cfg, num_channels, height, width)
 
 
-def advance(model, step: int) -> None:
-    """Deprecated spelling of ``model.advance(step)`` (``model`` may be a DDP wrapper)."""
-    getattr(model, "module", model).advance(step)
-
-
 __all__ = [
     "STRATEGIES",
     "STRATEGY_BUILDERS",
@@ -84,6 +79,5 @@ __all__ = [
     "LCMASplit",
     "SplitStrategy",
     "StaticSplit",
-    "advance",
     "build_split_strategy",
 ]

@@ -20,7 +20,7 @@ channel axis, so the factored-out tensor keeps its (C/2, H, W) shape. With ``fac
 low-contribution half is factored out; with "high", the high-contribution half. After freezing
 nothing is measured any more and the order never changes; it is saved with the state_dict.
 
-Measuring needs the level's layers: ``bind(level)`` (done by ``flows.strategies.advance``) keeps plain
+Measuring needs the level's layers: ``bind(level)`` (done by ``FlowModel.advance``) keeps plain
 references to them and puts a forward hook on each affine coupling's net to read its scale logits.
 """
 
