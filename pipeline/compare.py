@@ -3,30 +3,31 @@
 Trains every variant (static, LCMA at both ends, EIW with both regulariser forms and several sigmas)
 from the same base config, for the same steps and seeds, each in one process with the plain loop, and
 prints test bits/dim per variant: mean, spread over seeds, and the paired difference to ``static``
-(same seed, same data order, same initial flow weights), which is what tells a real effect from
-seed noise. Each (variant, seed) is a named run under ``run.root``, so an interrupted comparison
-picks up where it stopped; the table also goes to ``runs/compare/<name>.{csv,md}``.
+(same seed: same data order, same initial flow weights, same evaluation noise) with its 95%
+t-interval, which is what tells a real effect from seed noise, beside the split diagnostics of the
+final models (pipeline/ablation_report.py). Each (variant, seed) is a named run under ``run.root``,
+so an interrupted comparison picks up where it stopped; every finished run is a row of
+``run.root/compare/<name>-runs.csv`` and the table goes to ``run.root/compare/<name>.{md,csv}``.
+``--report A.csv B.csv`` trains nothing and tabulates finished runs, e.g. two halves of the seeds run
+as two processes (``--seeds 0 1 run.root=runs/a`` and ``--seeds 2 3 run.root=runs/b``); put config
+overrides before ``--report``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
-import math
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
+from pipeline.ablation_report import RunRow, append_run, read_runs, summarize, write_summary
 from pipeline.config import TrainConfig, load_config, resolve
 from pipeline.config_loading import ConfigModel, Overrides, as_overrides, load_file
 
 log = logging.getLogger("pipeline.compare")
-
-REFERENCE_VARIANT = "static"
 
 
 class Comparison(ConfigModel):
@@ -71,46 +72,29 @@ def config_for(comparison: Comparison, variant: str, seed: int, extra: Overrides
     return resolve(load_config(comparison.base, overrides))
 
 
-def summarize(results: dict[str, dict[int, float]]) -> list[dict[str, Any]]:
-    """Per variant: mean and sample std over seeds, and the mean paired difference to static."""
-    reference = results.get(REFERENCE_VARIANT, {})
+def run_all(
+    comparison: Comparison, configs: dict[tuple[str, int], TrainConfig], runs_csv: Path
+) -> list[RunRow]:
+    """Train (or resume) every (variant, seed) run in turn; each finished run is appended to
+    ``runs_csv`` at once, so an interrupted comparison loses no finished result."""
+    from pipeline.data import ensure_data
+    from pipeline.loop import fit
+
+    for data, image_shape in {(cfg.data, cfg.model.image_shape) for cfg in configs.values()}:
+        ensure_data(data, image_shape)  # once per data set, not once per run
     rows = []
-    for variant, by_seed in results.items():
-        values = [by_seed[s] for s in sorted(by_seed)]
-        diffs = [by_seed[s] - reference[s] for s in sorted(by_seed) if s in reference]
-        rows.append(
-            {
-                "variant": variant,
-                "seeds": len(values),
-                "mean": statistics.fmean(values),
-                "std": statistics.stdev(values) if len(values) > 1 else math.nan,
-                "diff_vs_static": statistics.fmean(diffs)
-                if diffs and variant != REFERENCE_VARIANT
-                else math.nan,
-                "diff_std": statistics.stdev(diffs)
-                if len(diffs) > 1 and variant != REFERENCE_VARIANT
-                else math.nan,
-                "per_seed": " ".join(f"{v:.4f}" for v in values),
-            }
+    for i, ((variant, seed), cfg) in enumerate(configs.items(), start=1):
+        log.info("[%d/%d] %s seed %d", i, len(configs), variant, seed)
+        result = fit(cfg)
+        row = RunRow(
+            variant=variant,
+            seed=seed,
+            test_bits_per_dim=result.test_bits_per_dim,
+            diagnostics=result.diagnostics,
         )
+        append_run(runs_csv, row)
+        rows.append(row)
     return rows
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| variant | seeds | test bits/dim (mean) | std over seeds | paired diff vs static | std of diff "
-        "| per seed |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        diff = "-" if math.isnan(r["diff_vs_static"]) else f"{r['diff_vs_static']:+.4f}"
-        diff_std = "-" if math.isnan(r["diff_std"]) else f"{r['diff_std']:.4f}"
-        std = "-" if math.isnan(r["std"]) else f"{r['std']:.4f}"
-        lines.append(
-            f"| {r['variant']} | {r['seeds']} | {r['mean']:.4f} | {std} | {diff} | {diff_std} | "
-            f"{r['per_seed']} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/compare.yaml", help="comparison YAML")
     parser.add_argument("--variants", nargs="*", default=None, help="only these variants")
     parser.add_argument("--seeds", nargs="*", type=int, default=None, help="only these seeds")
+    parser.add_argument(
+        "--report",
+        nargs="*",
+        default=None,
+        metavar="RUNS_CSV",
+        help="train nothing: tabulate the per-run results in these CSVs (default: this comparison's "
+        "run.root/compare/<name>-runs.csv), e.g. halves of the seeds run in two processes",
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="section.key=value", help="config overrides applied to every run"
     )
@@ -139,25 +131,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from pipeline.data import ensure_data
-    from pipeline.loop import fit
-
-    for data, image_shape in {(cfg.data, cfg.model.image_shape) for cfg in configs.values()}:
-        ensure_data(data, image_shape)  # once per data set, not once per run
-    results: dict[str, dict[int, float]] = {v: {} for v in variants}
-    for i, ((variant, seed), cfg) in enumerate(configs.items(), start=1):
-        log.info("[%d/%d] %s seed %d", i, len(configs), variant, seed)
-        results[variant][seed] = fit(cfg).test_bits_per_dim
-
-    rows = summarize(results)
-    table = markdown_table(rows)
     out_dir = Path(next(iter(configs.values())).run.root) / "compare"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{comparison.name}.md").write_text(table)
-    with open(out_dir / f"{comparison.name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    if args.report is not None:  # tabulate finished runs (e.g. halves run on two machines)
+        try:
+            rows = read_runs(args.report or [out_dir / f"{comparison.name}-runs.csv"])
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if not rows:
+            print("error: --report: no finished runs in the given files", file=sys.stderr)
+            return 2
+    else:
+        rows = run_all(comparison, configs, out_dir / f"{comparison.name}-runs.csv")
+    summary = summarize(rows, list(comparison.variants))
+    table = write_summary(out_dir, comparison.name, summary)
     print(table, end="")
     print(f"written to {out_dir}/{comparison.name}.md and .csv")
     return 0

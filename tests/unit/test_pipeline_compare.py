@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 
-from pipeline.compare import config_for, load_comparison, markdown_table, summarize
+from pipeline.ablation_report import RunRow, append_run
+from pipeline.compare import config_for, load_comparison, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,17 +61,24 @@ def test_variant_values_are_applied_as_typed_values(tmp_path: Path, monkeypatch)
     )
 
 
-def test_summary_uses_paired_differences() -> None:
-    results = {
-        "static": {0: 5.0, 1: 6.0, 2: 7.0},
-        "eiw": {0: 4.9, 1: 5.9, 2: 6.9},
-    }
-    rows = {r["variant"]: r for r in summarize(results)}
-    assert rows["static"]["mean"] == pytest.approx(6.0)
-    assert rows["static"]["std"] == pytest.approx(1.0)
-    assert math.isnan(rows["static"]["diff_vs_static"])
-    # Seeds spread by 1.0 bit/dim, yet every paired difference is exactly -0.1.
-    assert rows["eiw"]["diff_vs_static"] == pytest.approx(-0.1)
-    assert rows["eiw"]["diff_std"] == pytest.approx(0.0, abs=1e-12)
-    table = markdown_table(list(rows.values()))
-    assert "| eiw | 3 | 5.9000 | 1.0000 | -0.1000 | 0.0000 |" in table
+def test_report_mode_tabulates_finished_runs_from_several_files(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(ROOT)
+    halves = [tmp_path / "a.csv", tmp_path / "b.csv"]
+    for seed, (static, eiw) in enumerate([(5.0, 4.9), (6.0, 5.9), (7.0, 6.9)]):
+        path = halves[seed % 2]
+        append_run(path, RunRow(variant="static", seed=seed, test_bits_per_dim=static))
+        append_run(
+            path, RunRow(variant="eiw", seed=seed, test_bits_per_dim=eiw, diagnostics={"split0/churn": 0.5})
+        )
+    config = tmp_path / "cmp.yaml"
+    config.write_text(
+        "base: configs/tiny.yaml\nseeds: [0, 1, 2]\n"
+        "variants: {static: {model.split.strategy: static}, eiw: {model.split.strategy: eiw}}\n"
+    )
+    code = main(["--config", str(config), f"run.root={tmp_path / 'runs'}", "--report", *map(str, halves)])
+    assert code == 0
+    out = capsys.readouterr().out
+    # Seeds spread by 1.0 bit/dim, yet every paired difference is exactly -0.1 (interval 0).
+    assert "| eiw | 3 | 5.9000 | 1.0000 | -0.1000 ± 0.0000 | 0.500 |" in out
+    assert (tmp_path / "runs" / "compare" / "cmp.md").read_text() in out
+    assert main(["--config", str(config), "--report", str(tmp_path / "none.csv")]) == 2
