@@ -205,6 +205,19 @@ class TrainConfig(ConfigModel):
             raise ValueError("ray.num_workers: more than one worker needs ray.enabled: true")
         return self
 
+    @model_validator(mode="after")
+    def _lcma_warms_up_within_the_run(self) -> TrainConfig:
+        split = self.model.split
+        if split.strategy == "lcma" and self.total_steps <= split.lcma_warmup_steps:
+            warnings.warn(
+                f"model.split.lcma_warmup_steps ({split.lcma_warmup_steps}) is not below the run's "
+                f"{self.total_steps} steps (run.epochs x data.batches_per_epoch): LCMA never freezes an "
+                "order and the split stays static for the whole run; lower lcma_warmup_steps",
+                UserWarning,
+                stacklevel=2,
+            )
+        return self
+
     @property
     def total_steps(self) -> int:
         return self.run.epochs * self.data.batches_per_epoch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,13 @@ def test_yaml_dump_and_flat_params():
     flat = flatten(cfg.model_dump())
     assert flat["model.split.strategy"] == cfg.model.split.strategy
     assert flat["data.sample.num_train"] == 64
+
+
+def test_lcma_whose_warm_up_outlasts_the_run_warns() -> None:
+    with pytest.warns(UserWarning, match=r"lcma_warmup_steps \(1000\) is not below the run's 8 steps"):
+        load_config(
+            CONFIGS / "tiny.yaml", ["model.split.strategy=lcma", "model.split.lcma_warmup_steps=1000"]
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(CONFIGS / "tiny.yaml", ["model.split.strategy=lcma", "model.split.lcma_warmup_steps=4"])
