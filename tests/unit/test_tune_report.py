@@ -129,7 +129,7 @@ def test_cli_checks_a_search_file_and_names_a_bad_field(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     assert main(["--config", "configs/tune/sample.yaml", "--check"]) == 0
     out = capsys.readouterr().out
-    assert "model.split.sigma: loguniform[1e-05, 0.1]" in out and "16 trials (optuna)" in out
+    assert "model.split.sigma: loguniform[0.0001, 1.0]" in out and "16 trials (optuna)" in out
     assert (
         main(
             [

@@ -43,6 +43,9 @@ def test_shipped_search_files_load(name, monkeypatch):
     spec = load_spec(TUNE_CONFIGS / f"{name}.yaml")
     assert spec.run.name and spec.space
     keys = set(spec.space)
+    sigma = spec.space["model.split.sigma"]  # every search spans 1e-4..1, where the ablation saw effects
+    assert (min(sigma.values), max(sigma.values)) == (1e-4, 1.0)
+    assert sigma.kind == ("grid" if name == "tiny" else "loguniform")
     if name != "tiny":  # the real searches cover sigma, depth, lr and the regularizer form
         assert {"model.split.sigma", "model.num_steps", "model.num_levels", "optim.lr"} <= keys
         assert "model.split.regularizer" in keys
