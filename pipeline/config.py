@@ -86,6 +86,13 @@ class OptimConfig(ConfigModel):
     """Adam or Adamax; linear warm-up, then ``decay_per_epoch ** epoch`` (DenseFlow uses 0.95).
 
     The regulariser weight is the model's: loss = bits/dim + model.split.sigma * regularizer.
+
+    ``reference_batch``: the global batch (``data.batch_size x ray.num_workers``) that ``lr`` was
+    chosen for, i.e. the recipe's; null = no check. When a run's global batch B differs from it the
+    pipeline warns, naming both, and ``lr_scaling`` decides the learning rate actually used:
+    ``none`` keeps ``lr`` (warn only), ``linear`` uses ``lr * B / reference_batch`` (Goyal et al.
+    2017, for SGD), ``sqrt`` uses ``lr * sqrt(B / reference_batch)`` (the square-root rule, which
+    Malladi et al. 2022 derive for Adam-type optimisers). Warm-up and decay stay in steps.
     """
 
     name: Literal["adam", "adamax"] = "adam"
@@ -95,6 +102,25 @@ class OptimConfig(ConfigModel):
     warmup_steps: int = Field(200, ge=0)
     decay_per_epoch: float = Field(1.0, gt=0, le=1)
     grad_clip_norm: float = Field(50.0, gt=0)
+    reference_batch: int | None = Field(None, ge=1)
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+
+    @model_validator(mode="after")
+    def _scaling_needs_a_reference(self) -> OptimConfig:
+        if self.lr_scaling != "none" and self.reference_batch is None:
+            raise ValueError(
+                f"lr_scaling: {self.lr_scaling} needs reference_batch (the global batch lr was chosen for)"
+            )
+        return self
+
+    def lr_for_batch(self, global_batch: int) -> float:
+        """The learning rate for a run whose global batch is ``global_batch`` (``lr_scaling``'s rule)."""
+        if global_batch < 1:
+            raise ValueError(f"global batch must be >= 1, got {global_batch}")
+        if self.reference_batch is None or self.lr_scaling == "none":
+            return self.lr
+        ratio = global_batch / self.reference_batch
+        return self.lr * (ratio if self.lr_scaling == "linear" else ratio**0.5)
 
 
 class RunConfig(ConfigModel):

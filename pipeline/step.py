@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -46,14 +47,40 @@ class StepResult:
 
 
 # ------------------------------------------------------------------------------ optimisation
+def global_batch(cfg: TrainConfig) -> int:
+    """Images per optimizer step over all workers: ``data.batch_size`` is per worker."""
+    return cfg.data.batch_size * cfg.ray.num_workers
+
+
+def learning_rate(cfg: TrainConfig) -> float:
+    """The base learning rate this run uses: ``optim.lr``, or its scaled value (``optim.lr_scaling``)
+    when the global batch differs from ``optim.reference_batch``; that case always warns, naming both."""
+    o, batch = cfg.optim, global_batch(cfg)
+    lr = o.lr_for_batch(batch)
+    if o.reference_batch is not None and batch != o.reference_batch:
+        what = (
+            f"optim.lr_scaling={o.lr_scaling}: lr {o.lr:g} -> {lr:g}"
+            if o.lr_scaling != "none"
+            else f"optim.lr_scaling=none keeps lr {o.lr:g}; optim.lr_scaling=linear or sqrt scales it"
+        )
+        warnings.warn(
+            f"global batch {batch} (data.batch_size {cfg.data.batch_size} x ray.num_workers "
+            f"{cfg.ray.num_workers}) differs from the recipe's optim.reference_batch {o.reference_batch}; "
+            f"{what}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return lr
+
+
 def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     o = cfg.optim
     cls = torch.optim.Adam if o.name == "adam" else torch.optim.Adamax
-    return cls(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    return cls(params, lr=learning_rate(cfg), betas=o.betas, weight_decay=o.weight_decay)
 
 
 def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
-    """step -> multiplier of optim.lr: linear warm-up, then decay_per_epoch ** epoch."""
+    """step -> multiplier of the base lr (``learning_rate``): linear warm-up, then decay_per_epoch**epoch."""
     warmup, decay, per_epoch = cfg.optim.warmup_steps, cfg.optim.decay_per_epoch, cfg.data.batches_per_epoch
 
     def factor(step: int) -> float:
