@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import tomllib
+import warnings
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,9 @@ LAUNCHER = INFRA / "cluster-launcher" / "aws-gpu.yaml"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 IMAGE = f"eiw-flow:{PYPROJECT['project']['version']}"
 SHARED = "/shared"
+GPUS_PER_NODE = 8  # worker pods and launcher nodes are whole 8-GPU machines
+# Instance types the launcher config may name for its GPU workers: 8 GPUs each (AWS's specs).
+AWS_8_GPU_TYPES = {"p4d.24xlarge", "p4de.24xlarge", "p5.48xlarge", "p5e.48xlarge", "p5en.48xlarge"}
 
 
 def k8s_docs() -> dict[tuple[str, str], dict]:
@@ -59,6 +63,13 @@ def secret_ref(env: dict[str, dict], name: str) -> dict:
     assert name in env, f"{name} missing"
     assert "value" not in env[name], f"{name} must come from a secret, not a literal"
     return env[name]["valueFrom"]["secretKeyRef"]
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity with a binary suffix ("96Gi") in bytes."""
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)", quantity)
+    assert m, f"expected a binary-suffixed quantity, got {quantity!r}"
+    return int(m.group(1)) * 1024 ** ("KMGT".index(m.group(2)[0]) + 1)
 
 
 def ray_cluster_specs() -> list[tuple[str, dict]]:
@@ -105,9 +116,24 @@ def test_ray_cluster_spec_gpu_workers_shared_storage_and_secrets(kind, spec):
         assert shared["persistentVolumeClaim"]["claimName"] == "eiw-flow-shared", role
         assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
     (worker,) = gpu_group["template"]["spec"]["containers"]
+    # One Ray worker pod per 8-GPU node; Ray Train then places one training worker per GPU.
     for bound in ("requests", "limits"):
-        assert int(worker["resources"][bound]["nvidia.com/gpu"]) >= 1
+        assert int(worker["resources"][bound]["nvidia.com/gpu"]) == GPUS_PER_NODE
+    assert worker["resources"]["requests"] == worker["resources"]["limits"]  # Guaranteed QoS
     assert any(t["key"] == "nvidia.com/gpu" for t in gpu_group["template"]["spec"]["tolerations"])
+    # /dev/shm for 8 workers' DataLoader processes, NCCL and Ray's object store, which must fit in it;
+    # a memory-backed emptyDir counts against the container's memory limit.
+    worker_pod = gpu_group["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
+    shm = {v["name"]: v for v in worker_pod["volumes"]}[mounts["/dev/shm"]]["emptyDir"]
+    shm_bytes = quantity_bytes(shm["sizeLimit"])
+    assert shm_bytes >= 32 * 2**30
+    assert int(gpu_group["rayStartParams"]["object-store-memory"]) < shm_bytes
+    assert shm_bytes < quantity_bytes(worker["resources"]["limits"]["memory"]) // 2
+    # NCCL is told which network to use between nodes.
+    nccl = env_of(worker)
+    assert nccl["NCCL_SOCKET_IFNAME"]["value"] == "eth0"
+    assert "NCCL_DEBUG" in nccl
     pvc = DOCS[("PersistentVolumeClaim", "eiw-flow-shared")]
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # every node mounts it
 
@@ -124,9 +150,29 @@ def test_rayjob_entrypoint_is_a_valid_training_command_on_shared_paths():
     (gpu_group,) = spec["rayClusterSpec"]["workerGroupSpecs"]
     (worker,) = gpu_group["template"]["spec"]["containers"]
     limits = worker["resources"]["limits"]
-    assert cfg.ray.use_gpu is True and cfg.ray.gpus_per_worker <= int(limits["nvidia.com/gpu"])
-    assert cfg.ray.cpus_per_worker < int(limits["cpu"])  # leaves room for Ray's own processes
-    assert cfg.ray.num_workers <= gpu_group["maxReplicas"]
+    assert cfg.ray.use_gpu is True and cfg.ray.gpus_per_worker == 1
+    # Fixed size: nodes = replicas, and every GPU of every node runs one training worker.
+    assert spec["rayClusterSpec"]["enableInTreeAutoscaling"] is False
+    nodes = gpu_group["replicas"]
+    assert gpu_group["minReplicas"] == nodes == gpu_group["maxReplicas"]
+    workers_per_pod = int(limits["nvidia.com/gpu"]) // cfg.ray.gpus_per_worker
+    assert cfg.ray.num_workers == nodes * workers_per_pod
+    assert workers_per_pod * cfg.ray.cpus_per_worker < int(limits["cpu"])  # room for Ray's own processes
+
+
+def test_rayjob_runs_the_recipe_as_written_at_its_global_batch():
+    spec = DOCS[("RayJob", "eiw-flow-imagenet64")]["spec"]
+    argv = shlex.split(spec["entrypoint"])
+    recipe = load_config(REPO / argv[4])
+    cfg = load_config(REPO / argv[4], argv[5:])
+    assert (cfg.model, cfg.optim, cfg.data.batch_size) == (recipe.model, recipe.optim, recipe.data.batch_size)
+    assert cfg.optim.reference_batch is not None
+    assert cfg.data.batch_size * cfg.ray.num_workers == cfg.optim.reference_batch
+    from pipeline.step import learning_rate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the global-batch warning would fail here
+        assert learning_rate(cfg) == recipe.optim.lr
 
 
 def test_mlflow_server_uses_postgres_and_s3_by_reference():
@@ -162,6 +208,15 @@ def test_cluster_launcher_config():
     head = config["available_node_types"][config["head_node_type"]]
     assert head["resources"] == {"CPU": 0}
     assert any("--num-cpus=0" in c for c in config["head_start_ray_commands"])
+    types = config["available_node_types"]
+    (gpu_type,) = [t for name, t in types.items() if name != config["head_node_type"]]
+    assert gpu_type["node_config"]["InstanceType"] in AWS_8_GPU_TYPES
+    assert gpu_type["max_workers"] <= config["max_workers"]
+    worker_options = config["docker"]["worker_run_options"]
+    (shm,) = [o for o in worker_options if o.startswith("--shm-size=")]
+    assert int(re.fullmatch(r"--shm-size=(\d+)g", shm).group(1)) >= 32
+    assert any(o.startswith("--env NCCL_SOCKET_IFNAME=") for o in worker_options)
+    assert any(o.startswith("--shm-size=") for o in config["docker"]["head_run_options"])
 
 
 # Literal credentials: user:password@ in URIs (placeholders <...>, shell $... and *** excepted), AWS
