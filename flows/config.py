@@ -12,6 +12,7 @@ COUPLINGS = ("affine", "additive")
 SPLIT_STRATEGIES = ("static", "static_swapped", "eiw", "lcma")
 SHUFFLE_REGULARIZERS = ("reference", "kl")
 LCMA_FACTOR_OUT = ("low", "high")
+MEMORY_MODES = ("standard", "invertible", "checkpoint")
 _SPLIT_CHOICES = {
     "strategy": SPLIT_STRATEGIES,
     "regularizer": SHUFFLE_REGULARIZERS,
@@ -101,6 +102,12 @@ class FlowConfig:
     """A Glow-style multi-scale flow: ``num_levels`` x [squeeze, ``num_steps`` x step, split].
 
     image_shape: (C, H, W) of the data; H and W must be divisible by 2**num_levels.
+    memory: what a training forward keeps for backward (flows/invertible.py; docs/model.md, "Memory
+        modes"). "standard": every step's activations (plain autograd); "invertible": only each level's
+        output, every step's input is rebuilt with its inverse in backward (memory flat in num_steps,
+        about 1.3x the step time); "checkpoint": each level's input, the level is recomputed in backward
+        (per-level activation checkpointing). Same model, same state_dict; eval and sampling (no
+        gradients) run the same code in every mode.
     """
 
     image_shape: tuple[int, int, int] = (3, 32, 32)
@@ -112,6 +119,7 @@ class FlowConfig:
     learn_top_prior: bool = True
     n_bits: int = 8
     init_seed: int = 0
+    memory: str = "standard"
     split: SplitConfig = field(default_factory=SplitConfig)
 
     def __post_init__(self) -> None:
@@ -138,6 +146,8 @@ class FlowConfig:
             raise ValueError(f"n_bits: must be in 1..8, got {self.n_bits}")
         if self.coupling not in COUPLINGS:
             raise ValueError(f"coupling: unknown {self.coupling!r}; choose one of {COUPLINGS}")
+        if self.memory not in MEMORY_MODES:
+            raise ValueError(f"memory: unknown {self.memory!r}; choose one of {MEMORY_MODES}")
         if self.split_prior not in ("gaussian", "standard"):
             raise ValueError(f"split_prior: unknown {self.split_prior!r}; choose 'gaussian' or 'standard'")
 

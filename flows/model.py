@@ -11,6 +11,7 @@ log p(x) = sum_i log N(z_i; 0, I) + log_det.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -21,6 +22,7 @@ from flows.bijection import Bijection, Compose, standard_normal_log_prob
 from flows.config import FlowConfig
 from flows.coupling import AdditiveCoupling, AffineCoupling
 from flows.invconv import InvConv1x1
+from flows.invertible import FlowLevel
 from flows.split import LearnedTopPrior, Split
 from flows.squeeze import Squeeze
 from flows.strategies import build_split_strategy
@@ -60,9 +62,8 @@ class FlowModel(nn.Module):
         self.latent_shapes: list[tuple[int, int, int]] = []
         for level in range(cfg.num_levels):
             c, h, w = 4 * c, h // 2, w // 2
-            self.levels.append(
-                Compose(Squeeze(), *[flow_step(c, cfg, generator) for _ in range(cfg.num_steps)])
-            )
+            steps = [flow_step(c, cfg, generator) for _ in range(cfg.num_steps)]
+            self.levels.append(FlowLevel(Squeeze(), *steps, memory=cfg.memory))
             if level < cfg.num_levels - 1:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(cfg.init_seed + STRATEGY_SEED_OFFSET * (level + 1))
@@ -78,9 +79,26 @@ class FlowModel(nn.Module):
     def num_dims(self) -> int:
         return self.cfg.num_dims
 
+    @property
+    def memory(self) -> str:
+        """What a training forward keeps for backward: "standard", "invertible" or "checkpoint"
+        (``FlowConfig.memory``; flows/invertible.py). Settable at any time between steps: the mode
+        changes no parameter, buffer or result, only memory and time (``cfg.memory`` follows)."""
+        return self.cfg.memory
+
+    @memory.setter
+    def memory(self, mode: str) -> None:
+        self.cfg = dataclasses.replace(self.cfg, memory=mode)  # validates
+        for level in self.levels:
+            level.memory = mode
+
     # ------------------------------------------------------------------ bijection
     def encode(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """x: (B, C, H, W) float -> (zs, log_det (B,)); zs[i] has shape (B, *latent_shapes[i])."""
+        """x: (B, C, H, W) float -> (zs, log_det (B,)); zs[i] has shape (B, *latent_shapes[i]).
+
+        With gradients enabled, each level keeps for backward what ``self.memory`` says (every step's
+        activations, only its output, or only its input); the values are the same in every mode.
+        """
         zs: list[Tensor] = []
         log_det = x.new_zeros(x.shape[0])
         for level, steps in enumerate(self.levels):
