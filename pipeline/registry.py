@@ -68,8 +68,11 @@ def _requirements() -> list[str]:
     ]
 
 
-def _model_kwargs(model: FlowModel, files: dict[str, str], test_bpd: float | None) -> dict:
+def _model_kwargs(
+    model: FlowModel, files: dict[str, str], test_bpd: float | None, lineage: dict | None = None
+) -> dict:
     metadata = {
+        **(lineage or {}),  # the run's config, code and datasets (pipeline/lineage.py)
         FORMAT_KEY: FORMAT,
         "image_shape": list(model.cfg.image_shape),
         "split_strategy": model.cfg.split.strategy,
@@ -90,12 +93,13 @@ def _model_kwargs(model: FlowModel, files: dict[str, str], test_bpd: float | Non
     }
 
 
-def log_flow_model(model: FlowModel, *, test_bpd: float) -> str:
+def log_flow_model(model: FlowModel, *, test_bpd: float, lineage: dict | None = None) -> str:
     """Log ``model`` (weights as CPU float32 tensors plus its config) to the active run as a pyfunc
-    built from code; returns the model URI."""
+    built from code; returns the model URI. ``lineage``: more MLmodel metadata (plain YAML values:
+    ``pipeline.lineage.model_metadata``, the resolved training config, code version and datasets)."""
     with tempfile.TemporaryDirectory(prefix="eiw-model-") as tmp:
         files = write_flow_files(model, tmp)
-        info = mlflow.pyfunc.log_model(name=MODEL_NAME, **_model_kwargs(model, files, test_bpd))
+        info = mlflow.pyfunc.log_model(name=MODEL_NAME, **_model_kwargs(model, files, test_bpd, lineage))
     return info.model_uri
 
 
