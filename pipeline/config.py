@@ -159,6 +159,16 @@ class MlflowConfig(ConfigModel):
     so the alias that follows every new version is ``newest_alias``.
 
     ``parent_run_id``: nest the run under that MLflow run (a search's parent run; tune/ sets it).
+
+    Live tracking: metrics every ``run.log_every`` steps through MLflow's asynchronous logging
+    (``async_metrics: false`` makes every log step wait for the server); ``system_metrics``: MLflow's
+    CPU, memory, disk, network (and NVML GPU) figures of the rank-0 node every
+    ``system_metrics_interval_s`` seconds ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it).
+
+    ``log_checkpoint``: also keep the final checkpoint as a run artifact (Ray Train's storage keeps
+    every checkpoint anyway); ``auto`` does so only while the checkpoint (weights and optimizer
+    state) is at most ``log_checkpoint_max_mb``, so paper-scale runs skip it. Large files go up in
+    parts through a tracking server's artifact proxy.
     """
 
     tracking_uri: str = ""
@@ -168,7 +178,11 @@ class MlflowConfig(ConfigModel):
     register: bool = True
     newest_alias: MlflowAlias = "newest"
     champion_alias: MlflowAlias = "champion"
-    log_checkpoint: bool = True
+    log_checkpoint: Switch = AUTO
+    log_checkpoint_max_mb: float = Field(256.0, gt=0)
+    async_metrics: bool = True
+    system_metrics: bool = True
+    system_metrics_interval_s: float = Field(10.0, gt=0)
     parent_run_id: str = ""
 
     @model_validator(mode="after")

@@ -32,9 +32,10 @@ from pipeline.config import TrainConfig, checkpoint_root, config_to_yaml
 from pipeline.config_loading import flatten
 from pipeline.data import make_eval_loader, make_train_loader, train_batches
 from pipeline.faults import NO_FAULTS, Faults
+from pipeline.lineage import GIT_COMMITS_TAG, code_tags, code_version, model_metadata, shard_datasets
 from pipeline.metric_window import MetricWindow
 from pipeline.runtime import LocalRuntime, Runtime
-from pipeline.sampling import sample_grids, save_grids
+from pipeline.sampling import grid_images, sample_grids, save_grids
 from pipeline.step import TrainingObjective, evaluate, train_step
 from pipeline.tracking import Tracker
 from pipeline.train_state import NonFiniteLossError, TrainState
@@ -120,7 +121,9 @@ def fit(cfg: TrainConfig, *, runtime: Runtime | None = None, faults: Faults = NO
     total, per_epoch, first_step = cfg.total_steps, cfg.data.batches_per_epoch, state.step
     console = Console(cfg, runtime, initial=state.step)
     window = MetricWindow(
-        images_per_step=cfg.data.batch_size * runtime.world_size, first_window_steps=cfg.run.log_every
+        images_per_step=cfg.data.batch_size * runtime.world_size,
+        first_window_steps=cfg.run.log_every,
+        workers=runtime.world_size,
     )
     status, version = "FAILED", None
     try:
@@ -189,7 +192,8 @@ class Console:
 
 
 def _start_tracking(cfg: TrainConfig, runtime: Runtime, state: TrainState) -> Tracker:
-    """Open (rank 0) or reopen the run's MLflow run; its id goes into every checkpoint."""
+    """Open (rank 0) or reopen the run's MLflow run, its id going into every checkpoint; record the
+    code (git commit, dirty flag, image) and the train and test shards (dataset inputs) it uses."""
     tracker = Tracker(cfg.mlflow, active=runtime.is_main, run_root=cfg.run.root)
     tags = {"pipeline.world_size": str(runtime.world_size), "pipeline.device": runtime.device.type}
     if state.resumed_from is not None:
@@ -199,9 +203,12 @@ def _start_tracking(cfg: TrainConfig, runtime: Runtime, state: TrainState) -> Tr
         run_name=cfg.run.name,
         params=flatten(cfg.model_dump(mode="json")),
         tags=tags,
+        resumed_from=state.resumed_from,
     )
     if runtime.is_main:
         state.mlflow_run_id = tracker.run_id
+        tracker.set_tags(code_tags(code_version(), previous_commits=tracker.get_tag(GIT_COMMITS_TAG)))
+        tracker.log_datasets(shard_datasets(cfg.data.root))
     return tracker
 
 
@@ -213,12 +220,14 @@ def _log_window(
     console: Console,
     window: MetricWindow,
 ) -> None:
-    """Close the metric window: its means (and, on rank 0, the split diagnostics) to MLflow, a log line."""
+    """Close the metric window: its means (and, on rank 0, the split diagnostics) to MLflow now, the
+    split order to the order picture's history, a log line."""
     lr = state.scheduler.get_last_lr()[0]
     metrics, text = window.close(state.step, lr=lr, skipped_total=state.skipped_steps)
     if runtime.is_main:
         metrics |= {f"{DIAGNOSTICS_PREFIX}{k}": v for k, v in state.flow.split_diagnostics().items()}
-    tracker.record(state.step, metrics)
+        tracker.record_order(state.step, state.flow.kept_shares())
+    tracker.log_metrics(state.step, metrics)
     console.say(f"step {state.step}/{cfg.total_steps} | {text}")
 
 
@@ -231,11 +240,12 @@ def _save_checkpoint(
     *,
     version: str | None = None,
 ) -> None:
-    """Collective. Returns once the checkpoint is durable; only then do the metrics of the steps it
-    covers go to MLflow, so a restart never logs a step twice."""
+    """Collective. Returns once the checkpoint is durable. Rank 0 then waits for the metrics queued so
+    far and rewrites the order history artifact, which a restart from this checkpoint reads back."""
     report = _result(state, runtime, tracker, window, version=version).as_report()
     state.save(runtime, snapshot, metrics=report)
-    tracker.flush()
+    tracker.wait()
+    tracker.save_order()
     window.restart_clock()
 
 
@@ -258,24 +268,25 @@ def _evaluate_and_sample(
     cfg: TrainConfig, runtime: Runtime, state: TrainState, tracker: Tracker, console: Console
 ) -> float:
     """Exact test bits/dim over the whole test split (every rank takes part); rank 0 then logs sample
-    grids, except after the last step, whose grids come with the final artifacts."""
+    grids as stepped images (the UI's slider), except after the last step, whose grids come with the
+    final artifacts."""
     test_loader = make_eval_loader(cfg.data, rank=runtime.rank, world_size=runtime.world_size)
     bpd, count = evaluate(state.flow, test_loader, runtime=runtime, seed=cfg.run.seed)
-    tracker.record(state.step, {"test/bits_per_dim": bpd})
+    tracker.log_metrics(state.step, {"test/bits_per_dim": bpd})
     console.say(f"step {state.step}/{cfg.total_steps} | test bits/dim {bpd:.4f} over {count} images")
     if runtime.is_main and state.step != cfg.total_steps:
         grids = sample_grids(
             state.flow, cfg.run.sample_temperatures, num=cfg.run.num_samples, seed=cfg.run.seed
         )
-        with tempfile.TemporaryDirectory(prefix="eiw-samples-") as tmp:
-            tracker.log_artifacts(save_grids(grids, tmp, step=state.step), "samples")
+        tracker.log_images(state.step, grid_images(grids))
     return bpd
 
 
 def _log_final_artifacts(
     cfg: TrainConfig, runtime: Runtime, state: TrainState, tracker: Tracker, console: Console, snapshot: dict
 ) -> str | None:
-    """Rank 0, once per run: config, final samples and checkpoint, the model, its registration.
+    """Rank 0, once per run: config, final samples (stepped images and files), the order picture,
+    the checkpoint (``mlflow.log_checkpoint``), the model with its lineage, its registration.
 
     Returns the registered model version (None when not registering, and on other ranks). A run that
     already logged its final step (``FINAL_STEP_TAG``) logs nothing again.
@@ -296,13 +307,16 @@ def _log_final_artifacts(
         grids = sample_grids(
             state.flow, cfg.run.sample_temperatures, num=cfg.run.num_samples, seed=cfg.run.seed
         )
+        tracker.log_images(step, grid_images(grids))
         tracker.log_artifacts(save_grids(grids, Path(tmp) / "samples", step=step), "samples")
-        if cfg.mlflow.log_checkpoint:
+        tracker.log_order_picture(title=f"{cfg.run.name}: {cfg.model.split.strategy} split order")
+        if _log_checkpoint(cfg, snapshot):
             final = write_checkpoint(Path(tmp) / checkpoint_name(step), snapshot, config_to_yaml(cfg))
-            tracker.log_artifacts([final], f"checkpoint/{final.name}")
+            tracker.log_large_artifacts([final], f"checkpoint/{final.name}")
     version = None
     if cfg.mlflow.log_model:
-        model_uri = log_flow_model(state.flow, test_bpd=state.test_bits_per_dim)
+        lineage = model_metadata(cfg.model_dump(mode="json"), code_version(), shard_datasets(cfg.data.root))
+        model_uri = log_flow_model(state.flow, test_bpd=state.test_bits_per_dim, lineage=lineage)
         if cfg.mlflow.register:
             registered = register(
                 model_uri, cfg=cfg.mlflow, test_bpd=state.test_bits_per_dim, run_id=tracker.run_id
@@ -311,3 +325,22 @@ def _log_final_artifacts(
             tracker.set_tags({MODEL_VERSION_TAG: version})
     tracker.set_tags({FINAL_STEP_TAG: str(step)})
     return version
+
+
+def _log_checkpoint(cfg: TrainConfig, snapshot: dict) -> bool:
+    """``mlflow.log_checkpoint``, with ``auto``: only while weights + optimizer state fit in
+    ``mlflow.log_checkpoint_max_mb`` (Ray Train's storage keeps every checkpoint regardless)."""
+    if isinstance(cfg.mlflow.log_checkpoint, bool):
+        return cfg.mlflow.log_checkpoint
+    size = _tensor_bytes([snapshot["model"], snapshot["optimizer"]])
+    return size <= cfg.mlflow.log_checkpoint_max_mb * 2**20
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0

@@ -1,10 +1,11 @@
 """Training metrics averaged over the steps since the last log line, and the steady throughput.
 
 Each log line closes a window: the mean bits/dim, regularizer and gradient norm of its finite steps
-(skipped, non-finite steps are only counted), and images/s over its wall time. Throughput for the run
-(``images_per_s``) leaves out the first window, which holds start-up costs (loader processes, lazy
-initialisation), and the loop restarts the clock after evaluations and checkpoints, so it measures
-training alone.
+(skipped, non-finite steps are only counted), and images/s over its wall time, for all workers
+together and per worker (data-parallel workers move in lockstep, so rank 0's clock times them all).
+Throughput for the run (``images_per_s``) leaves out the first window, which holds start-up costs
+(loader processes, lazy initialisation), and the loop restarts the clock after evaluations and
+checkpoints, so it measures training alone.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from pipeline.step import StepResult
 
 
 class MetricWindow:
-    def __init__(self, *, images_per_step: int, first_window_steps: int) -> None:
+    def __init__(self, *, images_per_step: int, first_window_steps: int, workers: int = 1) -> None:
         self.images_per_step = images_per_step
+        self.workers = workers
         self.first_window_steps = first_window_steps
         self._steady_images, self._steady_seconds = 0, 0.0
         self._reset()
@@ -49,6 +51,7 @@ class MetricWindow:
         metrics = {f"train/{name}": total / self.finite for name, total in self.sums.items() if self.finite}
         metrics |= {
             "train/images_per_s": images / seconds,
+            "train/images_per_s_per_worker": images / seconds / self.workers,
             "train/lr": lr,
             "train/skipped_steps": float(skipped_total),
         }
