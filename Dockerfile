@@ -38,6 +38,19 @@ RUN pip install -e .
 RUN pip install "psycopg2-binary>=2.9" "boto3>=1.34"
 
 COPY infra ./infra
+
+# Lineage (pipeline/lineage.py): the image has no .git, so runs read the commit it was built from
+# here; EIW_IMAGE names the image in every run's tags. Last, so a new commit rebuilds only this layer:
+#   docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) \
+#     --build-arg GIT_DIRTY=$(git diff --quiet HEAD && echo false || echo true) \
+#     --build-arg IMAGE=eiw-flow:0.1.0 -t eiw-flow:0.1.0 .
+ARG GIT_COMMIT=""
+ARG GIT_DIRTY=unknown
+ARG IMAGE=""
+ENV EIW_GIT_COMMIT=$GIT_COMMIT \
+    EIW_GIT_DIRTY=$GIT_DIRTY \
+    EIW_IMAGE=$IMAGE
+
 # The code stays root-owned and read-only for the runtime user.
 USER ray
 
