@@ -198,6 +198,7 @@ def _start_tracking(cfg: TrainConfig, runtime: Runtime, state: TrainState) -> Tr
     tags = {"pipeline.world_size": str(runtime.world_size), "pipeline.device": runtime.device.type}
     if state.resumed_from is not None:
         tags["pipeline.resumed_from_step"] = str(state.resumed_from)
+    tags |= state.resume_tags  # an unreadable checkpoint passed over, settings changed on resume
     tracker.start(
         run_id=state.mlflow_run_id,
         run_name=cfg.run.name,

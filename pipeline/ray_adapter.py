@@ -5,13 +5,21 @@ process group (NCCL on GPUs, gloo on CPU: ``TorchConfig`` picks it from ``use_gp
 persisted under ``run.root/checkpoints/<run.name>`` with ``CheckpointConfig(num_to_keep)``, and
 restarts after worker failures (``FailureConfig(max_failures)``) from the latest checkpoint. A driver
 re-run with the same run name resumes the same way. Everything else is pipeline/loop.py.
+
+Ray registers each reported checkpoint and restores the latest one; when that one is unreadable, the
+worker falls back to the newest intact older one in the run's folder (pipeline/train_state.py). Ray
+deletes old checkpoints by path, so the step re-reached after such a fallback is reported under a
+name Ray does not hold yet (``checkpoint_<step>-1``); reporting it under the old name would let Ray's
+retention later delete the new checkpoint along with the old entry.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -28,12 +36,19 @@ from ray.train.torch import TorchTrainer
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.checkpoint import checkpoint_order, dead_staging, list_checkpoints
 from pipeline.config import TrainConfig, checkpoint_root
 from pipeline.faults import NO_FAULTS, Faults
 from pipeline.loop import FitResult, fit
 from pipeline.runtime import Runtime
+from pipeline.train_state import check_resume
 
 log = logging.getLogger(__name__)
+
+# Rank 0 stages each checkpoint in the local temp dir as eiw-ckpt-<pid>-<random> before Ray copies it
+# to storage; the pid lets a later writer remove the leftovers of a killed one.
+STAGING_PREFIX = "eiw-ckpt-"
+STAGING_NAME = re.compile(rf"^{STAGING_PREFIX}(?P<pid>[0-9]+)-[a-z0-9_]+$")
 
 
 class RayRuntime(Runtime):
@@ -69,20 +84,49 @@ class RayRuntime(Runtime):
         return out
 
     @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
+    def resume_candidates(self) -> Iterator[list[Path]]:
+        """Ray's latest registered checkpoint, then the older ones in the run's folder (newest first)."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            yield None
+            yield []
             return
+        latest = Path(checkpoint.path).name
+        # Only older ones: a newer folder is one Ray never registered (persisted, then a node was lost).
+        older = [
+            p for p in list_checkpoints(self._run_dir) if checkpoint_order(p.name) < checkpoint_order(latest)
+        ]
         with checkpoint.as_directory() as directory:
-            yield Path(directory)
+            yield [Path(directory), *older[::-1]]
+
+    def _unregistered_name(self, name: str) -> str:
+        """``name``, or ``name-<n>`` when Ray already holds a checkpoint of that name (module doc)."""
+        if not (self._run_dir / name).exists():
+            return name
+        mode = ray.train.CheckpointConsistencyMode.COMMITTED
+        held = {
+            Path(r.checkpoint.path).name
+            for r in ray.train.get_all_reported_checkpoints(consistency_mode=mode)
+        }
+        if name not in held:
+            return name  # a leftover Ray never registered (a node lost in between): reuse the name
+        for n in itertools.count(1):
+            if f"{name}-{n}" not in held and not (self._run_dir / f"{name}-{n}").exists():
+                log.info("%s is a checkpoint Ray holds already; reporting this one as %s-%d", name, name, n)
+                return f"{name}-{n}"
+        raise AssertionError("unreachable")
 
     def save_checkpoint(self, write: Callable[[Path], None] | None, *, name: str, metrics: dict) -> None:
         # ray.train.report is a barrier; Ray registers the checkpoint once it is fully persisted.
+        # Rank 0's checkpoint_dir_name is the one Ray uses for every rank.
         if write is None:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
-        staged = Path(tempfile.mkdtemp(prefix="eiw-ckpt-"))
+        name = self._unregistered_name(name)
+        for leftover in dead_staging(tempfile.gettempdir(), STAGING_NAME):
+            shutil.rmtree(leftover, ignore_errors=True)  # another user's stays (no permission)
+            if not leftover.exists():
+                log.warning("%s: removed, the staging directory of a worker that is gone", leftover)
+        staged = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
         try:
             write(staged)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staged), checkpoint_dir_name=name)
@@ -131,6 +175,7 @@ def fit_with_ray(
     The shards must exist (``ensure_data`` in the driver). ``callbacks`` go to the Train ``RunConfig``
     (a Tune trial passes ``TuneReportCallback()``); ``faults`` (tests only) reach every worker.
     """
+    check_resume(cfg)  # a changed model section or no intact checkpoint: one ValueError, before Ray retries
     with ray_session(cfg):
         use_gpu = cfg.ray.uses_gpu(ray.cluster_resources())
         resources = {"CPU": cfg.ray.cpus_per_worker}

@@ -8,6 +8,7 @@ checkpoints in a local directory; ``pipeline.ray_adapter.RayRuntime`` is a Ray T
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,9 @@ class Runtime:
     def all_gather_object(self, obj: Any) -> list[Any]:
         return [obj]
 
-    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
+    def resume_candidates(self) -> contextlib.AbstractContextManager[list[Path]]:
+        """The checkpoint directories a restart may resume from, newest first: the latest, then the
+        older ones to fall back to when it is unreadable. Empty for a fresh run."""
         raise NotImplementedError
 
     def save_checkpoint(self, write: Callable[[Path], None] | None, *, name: str, metrics: dict) -> None:
@@ -71,13 +74,18 @@ class LocalRuntime(Runtime):
         self.checkpoints = LocalCheckpoints(checkpoint_dir, num_to_keep=num_to_keep)
 
     @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        yield self.checkpoints.latest()
+    def resume_candidates(self) -> Iterator[list[Path]]:
+        self.checkpoints.clean_stale()  # may also put back a checkpoint a dead writer had moved aside
+        yield self.checkpoints.all()[::-1]
 
     def save_checkpoint(self, write: Callable[[Path], None] | None, *, name: str, metrics: dict) -> None:
         assert write is not None, "rank 0 must pass the writer"
         staged = self.checkpoints.staging(name)
-        write(staged)
+        try:
+            write(staged)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)  # e.g. a full disk: give the space back
+            raise
         self.checkpoints.commit(staged, name)
 
     @property

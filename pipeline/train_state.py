@@ -2,25 +2,86 @@
 learning-rate schedule, step counters, the MLflow run id and the last test bits/dim.
 
 ``TrainState(cfg, device)`` builds it fresh; ``resume`` loads the runtime's latest checkpoint into it;
-``snapshot`` and ``save`` write it (pipeline/checkpoint.py holds the file format). Both are collective
-under Ray: every rank calls them (the per-rank RNG states are gathered).
+``snapshot`` and ``save`` write it (pipeline/checkpoint.py holds the file format). All three are
+collective under Ray: every rank calls them (the per-rank RNG states are gathered).
+
+A resume takes the newest checkpoint that reads intact (an unreadable newer one is named in the log
+and the ``pipeline.resume_fallback`` tag) and compares the config saved in it with the new one: the
+model section and ``optim.name`` must not change (ValueError listing each differing key, old -> new);
+anything else may (a longer ``run.epochs``, another ``optim.lr`` or batch size), takes effect, and is
+logged with the ``pipeline.resume_changes`` tag.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from flows import build_flow
-from pipeline.checkpoint import checkpoint_name, read_checkpoint, rng_state, set_rng_state, write_checkpoint
-from pipeline.config import TrainConfig, config_to_yaml
+from pipeline.checkpoint import (
+    checkpoint_name,
+    list_checkpoints,
+    read_newest_intact,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from pipeline.config import TrainConfig, checkpoint_root, config_to_yaml
+from pipeline.config_loading import flatten
 from pipeline.runtime import Runtime
 from pipeline.step import StepResult, lr_factor, make_optimizer
 
 log = logging.getLogger(__name__)
+
+RESUME_FALLBACK_TAG = "pipeline.resume_fallback"  # which checkpoints were unreadable, which one was used
+RESUME_CHANGES_TAG = "pipeline.resume_changes"  # settings that differ from the checkpoint's, old -> new
+# What a resume keeps from its checkpoint: the weights mean something only for the model section they
+# were trained with (shapes, split strategy, n_bits: bits/dim at other n_bits is another quantity), and
+# the optimizer's moments only for the optimizer that made them.
+FIXED_ON_RESUME = ("model.", "optim.name")
+
+
+def config_changes(saved: dict, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (the checkpoint's value, ``cfg``'s) for every setting that differs.
+
+    A key the saved config lacks (added to the config since) counts as its default; one only the saved
+    config has (since removed) is not compared.
+    """
+    new = flatten(cfg.model_dump(mode="json"))
+    old = flatten(TrainConfig().model_dump(mode="json")) | flatten(saved)
+    return {k: (old.get(k), v) for k, v in new.items() if k not in old or old[k] != v}
+
+
+def check_resume_config(saved: dict, cfg: TrainConfig, *, source: str | Path) -> list[str]:
+    """ValueError listing each differing key (old -> new) when a ``FIXED_ON_RESUME`` setting differs;
+    else the other differences, as ``key: old -> new`` lines."""
+    changes = [
+        (k, f"{k}: {json.dumps(old)} -> {json.dumps(new)}")
+        for k, (old, new) in config_changes(saved, cfg).items()
+    ]
+    fixed = [text for k, text in changes if k.startswith(FIXED_ON_RESUME)]
+    if fixed:
+        raise ValueError(
+            f"run.name={cfg.run.name} cannot resume from {source}: a resume keeps the model section and "
+            f"optim.name its checkpoint was trained with, and these differ: {', '.join(fixed)}. Put the old "
+            "values back to continue the run, or train the new settings under another run.name"
+        )
+    return [text for _, text in changes]
+
+
+def check_resume(cfg: TrainConfig) -> None:
+    """For a driver, before any worker starts: the ValueError ``TrainState.resume`` would raise for the
+    run's newest intact checkpoint (a changed model, or no intact checkpoint), as one error, which a
+    worker's would not be (Ray Train retries failed workers first). Reads the tensors lazily (mmap)."""
+    candidates = list_checkpoints(checkpoint_root(cfg) / cfg.run.name)[::-1]
+    found = read_newest_intact(candidates, mmap=True)
+    if found is not None:
+        check_resume_config(found.state["config"], cfg, source=found.directory)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -39,22 +100,52 @@ class TrainState:
         self.mlflow_run_id: str | None = None
         self.test_bits_per_dim = math.nan
         self.resumed_from: int | None = None  # the checkpoint's step, when this process resumed one
+        self.resume_tags: dict[str, str] = {}  # for MLflow: a fallback, changed settings
 
     def resume(self, runtime: Runtime) -> None:
-        """Load the runtime's latest checkpoint, if there is one."""
-        with runtime.latest_checkpoint() as directory:
-            saved = read_checkpoint(directory, map_location=self.device) if directory is not None else None
-        if saved is None:
+        """Load the runtime's newest intact checkpoint, if there is one (see the module doc). Collective."""
+        with runtime.resume_candidates() as candidates:
+            found = read_newest_intact(candidates, map_location=self.device)
+        if found is None:
             return
+        steps = runtime.all_gather_object(found.state["step"])
+        if len(set(steps)) > 1:
+            raise RuntimeError(
+                f"the ranks read checkpoints of different steps {steps}; is {runtime.run_dir} shared?"
+            )
+        changes = check_resume_config(found.state["config"], self.cfg, source=found.directory)
+        saved, directory = found.state, found.directory
         self.flow.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
+        self._load_optimizer(saved)
         self.step = self.resumed_from = saved["step"]
         self.skipped_steps = saved["skipped_steps"]
         self.mlflow_run_id, self.test_bits_per_dim = saved["mlflow_run_id"], saved["test_bits_per_dim"]
         if len(saved["rng"]) == runtime.world_size:  # else a different world size: fresh RNG streams
             set_rng_state(saved["rng"][runtime.rank], self.device)
         log.info("rank %d: resumed from %s at step %d", runtime.rank, directory, self.step)
+        if found.unreadable:
+            text = f"{'; '.join(found.unreadable)}; resumed from {directory.name} (step {self.step}) instead"
+            log.warning("rank %d: %s", runtime.rank, text)
+            self.resume_tags[RESUME_FALLBACK_TAG] = text[:5000]
+        if changes:
+            if runtime.is_main:
+                log.warning("resuming with changed settings (checkpoint -> now): %s", ", ".join(changes))
+            self.resume_tags[RESUME_CHANGES_TAG] = ", ".join(changes)[:5000]
+
+    def _load_optimizer(self, saved: dict) -> None:
+        """The checkpoint's optimizer moments and schedule position with this config's lr, betas and
+        weight decay (state dicts carry their own; a resume that changed them must use the new ones)."""
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        base_lrs = list(self.scheduler.base_lrs)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])  # keeps this config's lr_lambdas (functions)
+        self.scheduler.base_lrs = base_lrs
+        step, lambdas = self.scheduler.last_epoch, self.scheduler.lr_lambdas
+        for group, settings, base, factor in zip(
+            self.optimizer.param_groups, fresh, base_lrs, lambdas, strict=True
+        ):
+            group.update(settings, lr=base * factor(step))
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr reports
 
     def count(self, result: StepResult, *, checkpoint_dir: Path) -> None:
         """One more step done; NonFiniteLossError after ``run.max_nonfinite_in_row`` skipped in a row."""
