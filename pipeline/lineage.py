@@ -12,8 +12,10 @@ is read to compute it. The dataset's profile holds the source, split, resolution
 image and shard counts and the full ``shards_sha256``; its schema is the uint8 tensor the loader yields.
 
 Code: the git commit of the checkout this package is imported from, and whether tracked files differ
-from it (``git status --porcelain --untracked-files=no``). Images and uploaded working dirs have no
-``.git``: there the commit comes from ``EIW_GIT_COMMIT`` (and ``EIW_GIT_DIRTY``), which the Dockerfile
+from it (``git status --porcelain --untracked-files=no``). Without a ``git`` program (the project
+image has none) but with a ``.git`` directory (``ray job submit --working-dir .`` uploads it), the
+commit is read from ``.git`` itself and the dirty flag is ``unknown``. Without either (the image's
+``/app``), the commit comes from ``EIW_GIT_COMMIT`` (and ``EIW_GIT_DIRTY``), which the Dockerfile
 bakes in from build arguments. ``EIW_IMAGE`` names the container image (e.g. ``eiw-flow:0.1.0``).
 """
 
@@ -23,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -43,7 +46,7 @@ CONTEXTS = {"train": "training", "test": "testing"}  # split directory -> MLflow
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 GIT_DIRTY_TAG = "pipeline.git.dirty"
 GIT_COMMITS_TAG = "pipeline.git.commits"  # every commit that trained this run, in order (resumes)
-CODE_SOURCE_TAG = "pipeline.code_source"  # git, env or unknown
+CODE_SOURCE_TAG = "pipeline.code_source"  # git, git-files, env or unknown
 IMAGE_TAG = "pipeline.image"
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -122,8 +125,38 @@ def _git(*args: str, cwd: Path) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
+_SHA1 = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
+def _head_from_files(root: Path) -> str | None:
+    """HEAD's commit read from ``root/.git`` without the git program (loose or packed refs)."""
+    git_dir = root / ".git"
+    try:
+        if git_dir.is_file():  # a worktree or submodule: "gitdir: <path>"
+            git_dir = (root / git_dir.read_text().strip().removeprefix("gitdir:").strip()).resolve()
+        head = (git_dir / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head if _SHA1.fullmatch(head) else None
+        ref = head.removeprefix("ref:").strip()
+        common = git_dir
+        if (git_dir / "commondir").is_file():
+            common = (git_dir / (git_dir / "commondir").read_text().strip()).resolve()
+        for base in (git_dir, common):
+            if (base / ref).is_file():
+                sha = (base / ref).read_text().strip()
+                return sha if _SHA1.fullmatch(sha) else None
+        packed = common / "packed-refs"
+        for line in packed.read_text().splitlines() if packed.is_file() else []:
+            sha, _, name = line.partition(" ")
+            if name.strip() == ref and _SHA1.fullmatch(sha):
+                return sha
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None
+
+
 def code_version(root: str | Path = PACKAGE_ROOT) -> dict[str, str]:
-    """{"commit", "dirty" ("true"/"false"/"unknown"), "source" (git/env/unknown), "image"?}.
+    """{"commit", "dirty" ("true"/"false"/"unknown"), "source" (git/git-files/env/unknown), "image"?}.
 
     ``root``: the checkout to ask git about (default: the one this package is imported from).
     """
@@ -133,6 +166,8 @@ def code_version(root: str | Path = PACKAGE_ROOT) -> dict[str, str]:
         status = _git("status", "--porcelain", "--untracked-files=no", cwd=Path(root))
         dirty = "unknown" if status is None else str(bool(status.strip())).lower()
         found = {"commit": commit.strip(), "dirty": dirty, "source": "git"}
+    elif commit := _head_from_files(Path(root)):
+        found = {"commit": commit, "dirty": "unknown", "source": "git-files"}
     elif os.environ.get("EIW_GIT_COMMIT"):
         dirty = os.environ.get("EIW_GIT_DIRTY", "unknown").strip().lower() or "unknown"
         found = {"commit": os.environ["EIW_GIT_COMMIT"].strip(), "dirty": dirty, "source": "env"}

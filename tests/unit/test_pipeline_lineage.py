@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import lineage
 from pipeline.lineage import (
     GIT_COMMIT_TAG,
     GIT_COMMITS_TAG,
@@ -43,6 +44,18 @@ def test_commit_and_dirty_flag_from_git(repo: Path, monkeypatch) -> None:
     assert code_version(repo)["dirty"] == "false"
     (repo / "code.py").write_text("x = 2\n")
     assert code_version(repo)["dirty"] == "true"
+
+
+def test_without_the_git_program_the_commit_is_read_from_dot_git(repo: Path, monkeypatch) -> None:
+    monkeypatch.setattr(lineage, "_git", lambda *args, cwd: None)  # like the image: no git installed
+    head = git(repo, "rev-parse", "HEAD")
+    assert code_version(repo)["commit"] == head  # a loose ref
+    assert code_version(repo)["source"] == "git-files" and code_version(repo)["dirty"] == "unknown"
+    git(repo, "pack-refs", "--all")
+    assert not (repo / ".git" / "refs" / "heads" / git(repo, "branch", "--show-current")).exists()
+    assert code_version(repo)["commit"] == head  # a packed ref
+    git(repo, "checkout", "-q", "--detach")
+    assert code_version(repo)["commit"] == head  # a detached HEAD
 
 
 def test_without_a_checkout_the_image_names_the_code(tmp_path: Path, monkeypatch) -> None:
