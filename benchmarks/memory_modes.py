@@ -1,0 +1,384 @@
+"""Training memory and step time of ``model.memory`` = standard / invertible / checkpoint at growing depth.
+
+    python benchmarks/memory_modes.py [--device cpu|cuda] [--steps 4 8 16 32 --levels 3 --hidden 128]
+    python benchmarks/memory_modes.py --drift      # reconstruction error at the ImageNet-64 recipe depth
+    python benchmarks/memory_modes.py --paired 300 # standard and invertible trained side by side
+
+Every model is the same Glow (L levels of K steps, EIW split by default, same width, same images); only
+``memory`` and K differ. One training step is what the training loop does: ``model.advance``,
+dequantize, forward, loss = bits/dim + sigma * regularization(), backward, Adam step.
+
+Columns (one run, one table):
+- saved for backward: the bytes of the unique storages autograd keeps between forward and backward
+  (``saved_tensors_hooks``), once with everything (benchmarks/memory.py, comparable to the other
+  tables) and once without the parameters' own storages, which exist whatever autograd does: the
+  stored activations. For ``checkpoint`` this is what the checkpoint keeps (each level's input);
+  what it recomputes during backward shows up only in the peak.
+- peak: in a fresh subprocess per (mode, K), started before anything is timed: on CUDA
+  ``max_memory_allocated`` during a step over the allocation after a warm-up step; on CPU the growth
+  of peak RSS over RSS after one warm-up step (coarse, the allocator decides it). It includes
+  backward's transient tensors.
+- step time: medians over interleaved rounds in one process (every mode and depth once per round), so
+  machine load hits them alike; the ratio is the median over rounds of time / standard time at the same
+  K in the same round. CPU clock = process CPU time with one intra-op thread (wall time on a shared
+  machine measures the other tenants); CUDA clock = synchronised wall time.
+
+``--drift``: max |x - x_rebuilt| per level over the level's input, rebuilt from the level's output through
+K inverses exactly as invertible mode's backward does (``flows.invertible.reconstruction_error``), at the
+recipe's depth (4 levels x 48 steps, 512 hidden, 3x64x64) in float32 and under bf16 autocast, plus a
+"naive bf16" row: every layer under autocast, as standard mode computes it (the 1x1 conv in bf16).
+Weights: ActNorm initialised on the images, then each coupling's zero-initialised output conv drawn
+N(0, drift_scale^2) so that the couplings are far from the identity (a stand-in for trained weights;
+the script prints the range of the coupling scales it produced).
+
+``--paired N``: standard and invertible models from one init_seed trained N Adam steps on the same
+batches (32x32 crops of scikit-image's photographs, or noise without it); prints train bits/dim along
+the way, held-out bits/dim at the end, and the largest parameter difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memory import run_child, saved_for_backward_mib, step_peak_mib  # noqa: E402
+
+from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm  # noqa: E402
+from flows.coupling import AffineCoupling  # noqa: E402
+from flows.invertible import reconstruction_error  # noqa: E402
+
+MODES = ["standard", "invertible", "checkpoint"]
+
+
+def images(args: argparse.Namespace, n: int | None = None, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (n or args.batch, 3, args.size, args.size)
+    return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+
+
+def make(args: argparse.Namespace, mode: str, steps: int):
+    """A model and its training step (a closure with its own Adam) for one memory mode and depth."""
+    split = SplitConfig(strategy=args.split)
+    cfg = FlowConfig(
+        image_shape=(3, args.size, args.size),
+        num_levels=args.levels,
+        num_steps=steps,
+        hidden_channels=args.hidden,
+        split=split,
+        memory=mode,
+    )
+    model = build_flow(cfg).to(args.device)
+    x = images(args).to(args.device)
+    initialize_actnorm(model, x)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    counter = {"step": 0}
+
+    def loss() -> torch.Tensor:
+        return model.bits_per_dim(x).mean() + split.sigma * model.regularization()
+
+    def step() -> None:
+        model.advance(counter["step"])
+        optimizer.zero_grad(set_to_none=True)
+        loss().backward()
+        optimizer.step()
+        counter["step"] += 1
+
+    return model, loss, step
+
+
+def activations_mib(model: torch.nn.Module, loss_fn) -> float:
+    """Like ``saved_for_backward_mib`` but without the parameters' storages (they exist anyway)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    loss.backward()
+    return sum(storages.values()) / 2**20
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(args: argparse.Namespace) -> tuple[dict, dict]:
+    """Median step seconds per (mode, K), and the median over rounds of time / standard time at K."""
+    clock = time.perf_counter if args.device == "cuda" else time.process_time
+    keys = [(mode, k) for k in args.steps for mode in MODES]
+    steps = {}
+    for key in keys:
+        steps[key] = make(args, *key)[2]
+        for _ in range(args.warmup):
+            steps[key]()
+    times: dict[tuple, list[float]] = {key: [] for key in keys}
+    for _ in range(args.rounds):
+        for key in keys:
+            sync(args.device)
+            t0 = clock()
+            steps[key]()
+            sync(args.device)
+            times[key].append(clock() - t0)
+    ratios = {
+        (mode, k): statistics.median(
+            t / ref for t, ref in zip(times[(mode, k)], times[("standard", k)], strict=True)
+        )
+        for mode, k in keys
+    }
+    return {key: statistics.median(t) for key, t in times.items()}, ratios
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    """Runs in a fresh process: the memory numbers of one (mode, K), as a JSON line."""
+    mode, k = args.child.split(":")
+    torch.manual_seed(0)
+    model, loss, step = make(args, mode, int(k))
+    step()  # warm-up: optimizer state and allocator caches exist from here on
+    saved = saved_for_backward_mib(loss)
+    activations = activations_mib(model, loss)
+    model.zero_grad(set_to_none=True)
+    peak = step_peak_mib(step, args.device)
+    print(json.dumps({"peak_mib": peak, "saved_mib": saved, "activations_mib": activations}))
+
+
+def memory_numbers(args: argparse.Namespace, mode: str, k: int) -> dict[str, float]:
+    argv = ["--child", f"{mode}:{k}", "--device", args.device, "--split", args.split]
+    for key in ("levels", "hidden", "batch", "size", "threads"):
+        argv += [f"--{key}", str(getattr(args, key))]
+    return run_child(__file__, argv)
+
+
+def memory_table(args: argparse.Namespace) -> None:
+    print(
+        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"L={args.levels} K={args.steps} hidden={args.hidden} batch={args.batch} "
+        f"image=3x{args.size}x{args.size} split={args.split} rounds={args.rounds}",
+        flush=True,
+    )
+    # Memory first: a child's ru_maxrss starts at its parent's high-water RSS (Linux carries it over
+    # fork and exec), so the children must be started before this process holds the timed models.
+    memory = {(mode, k): memory_numbers(args, mode, k) for k in args.steps for mode in MODES}
+    times, ratios = time_steps(args)
+    step_name = "step ms (wall)" if args.device == "cuda" else "step ms (CPU)"
+    peak_name = "peak alloc MiB" if args.device == "cuda" else "peak RSS+ MiB"
+    print(
+        f"| K | memory | saved MiB (all) | activations MiB | x standard | {peak_name} | x standard "
+        f"| {step_name} | x standard |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for k in args.steps:
+        ref = memory[("standard", k)]
+        for mode in MODES:
+            m = memory[(mode, k)]
+            print(
+                f"| {k} | {mode} | {m['saved_mib']:.1f} | {m['activations_mib']:.1f} | "
+                f"{m['activations_mib'] / ref['activations_mib']:.3f} | {m['peak_mib']:.1f} | "
+                f"{m['peak_mib'] / ref['peak_mib']:.3f} | {times[(mode, k)] * 1e3:.0f} | "
+                f"{ratios[(mode, k)]:.3f} |",
+                flush=True,
+            )
+
+
+# ------------------------------------------------------------------------------ drift
+@torch.no_grad()
+def naive_bf16_error(model, x: torch.Tensor) -> list[float]:
+    """Rebuild error when every layer runs under bf16 autocast both ways (the 1x1 conv included)."""
+    errors = []
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        for level, steps in enumerate(model.levels):
+            x, _ = steps.layers[0](x)  # the squeeze
+            level_input = x
+            for step in steps.layers[1:]:
+                x, _ = step(x)
+            rebuilt = x
+            for step in reversed(steps.layers[1:]):
+                rebuilt = step.inverse(rebuilt)
+            errors.append((rebuilt.double() - level_input.double()).abs().max().item())
+            if level < len(model.splits):
+                split = model.splits[level]
+                x = split(x)[0][:, : split.num_keep]
+    return errors
+
+
+def drift(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    cfg = FlowConfig(image_shape=(3, 64, 64), num_levels=4, num_steps=48, hidden_channels=512)
+    model = build_flow(cfg).to(args.device).train()
+    data = photos(args.drift_batch, 64, seed=1).to(args.device)
+    initialize_actnorm(model, data)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, AffineCoupling):
+                w = module.net.conv_out.conv.weight
+                w.copy_(args.drift_scale * torch.randn(w.shape, generator=g).to(w))
+    x = model.dequantize(data, generator=torch.Generator().manual_seed(2))
+    scales = []
+    hooks = [
+        m.net.register_forward_hook(lambda _m, _a, h: scales.append(torch.sigmoid(h[:, 1::2] + 2).flatten()))
+        for m in model.modules()
+        if isinstance(m, AffineCoupling)
+    ]
+    with torch.no_grad():
+        model.encode(x)
+    for h in hooks:
+        h.remove()
+    s = torch.cat(scales)
+    print(
+        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} recipe depth "
+        f"L=4 K=48 hidden=512 image=3x64x64 batch={args.drift_batch} "
+        f"coupling conv_out std={args.drift_scale}: "
+        f"coupling scales min {s.min():.3g}, 1% {s.quantile(0.01):.3g}, median {s.median():.3g}",
+        flush=True,
+    )
+    level_std = []
+    with torch.no_grad():
+        h = x
+        for level, steps in enumerate(model.levels):
+            h, _ = steps(h)
+            level_std.append(h.std().item())
+            if level < len(model.splits):
+                h = model.splits[level](h)[0][:, : model.splits[level].num_keep]
+    rows = {"float32": reconstruction_error(model, x)}
+    print("float32 done", flush=True)
+    with torch.autocast(args.device, dtype=torch.bfloat16):
+        rows["bf16 autocast (invertible mode: ActNorm, 1x1 conv in fp32)"] = reconstruction_error(model, x)
+    print("bf16 done", flush=True)
+    rows["bf16 autocast, naive (every layer in bf16)"] = naive_bf16_error(model, x)
+    levels = len(level_std)
+    print("| precision | " + " | ".join(f"level {i + 1}" for i in range(levels)) + " |")
+    print("|---|" + "---|" * levels)
+    print("| std of the level's output | " + " | ".join(f"{v:.3g}" for v in level_std) + " |")
+    for name, errors in rows.items():
+        print(f"| max abs error, {name} | " + " | ".join(f"{e:.2e}" for e in errors) + " |")
+
+
+# ------------------------------------------------------------------------------ paired training
+@functools.cache
+def _pictures() -> list[torch.Tensor]:
+    try:
+        from skimage import data as skdata
+    except ImportError:
+        return []
+    return [
+        torch.from_numpy(getattr(skdata, name)()).permute(2, 0, 1).contiguous()
+        for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina")
+    ]
+
+
+def photos(n: int, size: int, seed: int) -> torch.Tensor:
+    """n random size x size crops of scikit-image's bundled photographs (uint8), noise without it."""
+    g = torch.Generator().manual_seed(seed)
+    pictures = _pictures()
+    if not pictures:
+        return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    out = []
+    for _ in range(n):
+        pic = pictures[int(torch.randint(len(pictures), (1,), generator=g))][:3]
+        top = int(torch.randint(pic.shape[1] - size, (1,), generator=g))
+        left = int(torch.randint(pic.shape[2] - size, (1,), generator=g))
+        out.append(pic[:, top : top + size, left : left + size])
+    return torch.stack(out)
+
+
+def paired(args: argparse.Namespace) -> None:
+    k = args.steps[0]
+    split = SplitConfig(strategy=args.split)
+    models, optimizers = {}, {}
+    for mode in ("standard", "invertible"):
+        cfg = FlowConfig(
+            image_shape=(3, 32, 32), num_levels=args.levels, num_steps=k, hidden_channels=args.hidden,
+            split=split, memory=mode, init_seed=0,
+        )  # fmt: skip
+        models[mode] = build_flow(cfg).to(args.device)
+        initialize_actnorm(models[mode], photos(64, 32, seed=10**6).to(args.device))
+        optimizers[mode] = torch.optim.Adam(models[mode].parameters(), lr=1e-3)
+    test = photos(256, 32, seed=10**6 + 1).to(args.device)
+    print(
+        f"device={args.device} torch={torch.__version__} L={args.levels} K={k} hidden={args.hidden} "
+        f"batch={args.batch} 3x32x32 photo crops, split={args.split}, Adam 1e-3, {args.paired} steps"
+    )
+    print("| step | train bits/dim standard | invertible | difference |")
+    print("|---|---|---|---|")
+    window: dict[str, list[float]] = {m: [] for m in models}
+    every = max(1, args.paired // 6)
+    for step in range(args.paired):
+        batch = photos(args.batch, 32, seed=step).to(args.device)
+        for mode, model in models.items():
+            model.advance(step)
+            noise = torch.Generator().manual_seed(step)  # the same dequantization noise in both
+            bpd = model.bits_per_dim(batch, generator=noise).mean()
+            loss = bpd + split.sigma * model.regularization()
+            optimizers[mode].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[mode].step()
+            window[mode].append(bpd.item())
+        if (step + 1) % every == 0 or step + 1 == args.paired:
+            s, i = (statistics.mean(window[m][-every:]) for m in models)
+            print(f"| {step + 1} | {s:.4f} | {i:.4f} | {i - s:+.2e} |", flush=True)
+    spread = statistics.stdev(window["standard"][-every:]) / math.sqrt(every)
+    with torch.no_grad():
+        test_bpd = {
+            m: model.bits_per_dim(test, generator=torch.Generator().manual_seed(0)).mean().item()
+            for m, model in models.items()
+        }
+    diffs = [
+        ((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item()
+        for a, b in zip(models["standard"].parameters(), models["invertible"].parameters(), strict=True)
+    ]
+    print(
+        f"held-out bits/dim: standard {test_bpd['standard']:.4f}, invertible {test_bpd['invertible']:.4f} "
+        f"(difference {test_bpd['invertible'] - test_bpd['standard']:+.2e}); standard error of the last "
+        f"window's train mean {spread:.2e}; largest parameter difference relative to the tensor's max "
+        f"{max(diffs):.2e}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--levels", type=int, default=3)
+    parser.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16, 32], help="steps per level (K)")
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--split", default="eiw")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads on CPU")
+    parser.add_argument("--drift", action="store_true", help="reconstruction error at the recipe depth")
+    parser.add_argument("--drift-batch", type=int, default=2)
+    parser.add_argument("--drift-scale", type=float, default=0.05)
+    parser.add_argument("--paired", type=int, default=0, help="train standard and invertible N steps")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    if args.child:
+        memory_child(args)
+    elif args.drift:
+        drift(args)
+    elif args.paired:
+        paired(args)
+    else:
+        memory_table(args)
+
+
+if __name__ == "__main__":
+    main()
