@@ -262,6 +262,24 @@ def test_a_killed_writers_staging_dir_does_not_block_the_next_run(data_ready):
     mlflow.end_run()
 
 
+def test_a_write_that_fails_gives_its_space_back_and_keeps_the_previous_checkpoint(tmp_path):
+    from pipeline.runtime import LocalRuntime
+
+    runtime = LocalRuntime(tmp_path / "run", num_to_keep=2, device=torch.device("cpu"))
+    runtime.save_checkpoint(
+        lambda d: write_checkpoint(d, full_state(2), ""), name=checkpoint_name(2), metrics={}
+    )
+
+    def disk_full(directory: Path) -> None:
+        (directory / STATE_FILE).write_bytes(b"\0" * 1000)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        runtime.save_checkpoint(disk_full, name=checkpoint_name(4), metrics={})
+    assert sorted(os.listdir(tmp_path / "run")) == [checkpoint_name(2)]
+    assert read_checkpoint(tmp_path / "run" / checkpoint_name(2))["step"] == 2
+
+
 def test_a_checkpoint_moved_aside_by_a_killed_writer_is_put_back(tmp_path):
     store = LocalCheckpoints(tmp_path / "run", num_to_keep=1)
     staged = store.staging(checkpoint_name(4))
