@@ -12,6 +12,7 @@ from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm
 from pipeline.checkpoint import (
     LocalCheckpoints,
     checkpoint_name,
+    list_checkpoints,
     read_checkpoint,
     rng_state,
     set_rng_state,
@@ -110,3 +111,27 @@ def test_commit_is_atomic_and_keeps_the_newest(tmp_path):
     store.commit(staged, checkpoint_name(6))
     assert read_checkpoint(store.latest())["again"] is True
     assert not [p for p in os.listdir(tmp_path / "run") if p.startswith(".tmp-old")]
+
+
+def test_checkpoints_are_ours_by_name_and_ordered_by_step(tmp_path):
+    for name in (
+        "checkpoint_000000010",
+        "checkpoint_000000008-1",
+        "checkpoint_000000008",
+        "checkpoint_notes",
+    ):
+        write_checkpoint(tmp_path / name, {"step": 0}, "")
+    (tmp_path / "checkpoint_000000012").mkdir()  # no state.pt: not a checkpoint
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    # checkpoint_<step>-1: the step written again under a name Ray does not hold yet (ray_adapter.py)
+    assert names == ["checkpoint_000000008", "checkpoint_000000008-1", "checkpoint_000000010"]
+    store = LocalCheckpoints(tmp_path, num_to_keep=1)
+    staged = store.staging(checkpoint_name(14))
+    write_checkpoint(staged, {"step": 14}, "")
+    store.commit(staged, checkpoint_name(14))
+    # Retention removes only our checkpoints; a folder that merely starts with checkpoint_ stays.
+    assert sorted(os.listdir(tmp_path)) == [
+        "checkpoint_000000012",
+        "checkpoint_000000014",
+        "checkpoint_notes",
+    ]
