@@ -92,11 +92,13 @@ def _mean_diagnostic(rows: list[RunRow], name: str) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
-def summarize(rows: list[RunRow], variants: list[str] | None = None) -> list[dict[str, object]]:
+def summarize(
+    rows: list[RunRow], variants: list[str] | None = None, *, reference_variant: str = REFERENCE_VARIANT
+) -> list[dict[str, object]]:
     """Per variant (in ``variants`` order, else first-seen): seeds, mean, std, the paired difference
-    to ``static`` with its 95% t-interval, per-seed values and mean diagnostics."""
+    to ``reference_variant`` with its 95% t-interval, per-seed values and mean diagnostics."""
     order = variants or list(dict.fromkeys(r.variant for r in rows))
-    reference = {r.seed: r.test_bits_per_dim for r in rows if r.variant == REFERENCE_VARIANT}
+    reference = {r.seed: r.test_bits_per_dim for r in rows if r.variant == reference_variant}
     table = []
     for variant in order:
         mine = sorted((r for r in rows if r.variant == variant), key=lambda r: r.seed)
@@ -104,13 +106,14 @@ def summarize(rows: list[RunRow], variants: list[str] | None = None) -> list[dic
             continue
         values = [r.test_bits_per_dim for r in mine]
         diffs = [r.test_bits_per_dim - reference[r.seed] for r in mine if r.seed in reference]
-        diff, half = t_interval(diffs) if diffs and variant != REFERENCE_VARIANT else (math.nan, math.nan)
+        diff, half = t_interval(diffs) if diffs and variant != reference_variant else (math.nan, math.nan)
         summary: dict[str, object] = {
             "variant": variant,
             "seeds": len(values),
             "mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else math.nan,
-            "diff_vs_static": diff,
+            "reference": reference_variant,
+            "diff_vs_reference": diff,
             "diff_ci95": half,
             "per_seed": " ".join(f"{v:.4f}" for v in values),
         }
@@ -124,15 +127,16 @@ def _fmt(value: object, spec: str) -> str:
 
 
 def markdown_table(summary: list[dict[str, object]]) -> str:
+    reference = summary[0]["reference"] if summary else REFERENCE_VARIANT
     lines = [
-        "| variant | seeds | test bits/dim | std | vs static (paired, 95% CI) | churn | kept-set changes "
-        "| Kendall tau | entropy of w | static overlap | per seed |",
+        f"| variant | seeds | test bits/dim | std | vs {reference} (paired, 95% CI) | churn "
+        "| kept-set changes | Kendall tau | entropy of w | static overlap | per seed |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
         diff = "-"
-        if not math.isnan(r["diff_vs_static"]):
-            diff = f"{r['diff_vs_static']:+.4f} ± {_fmt(r['diff_ci95'], '.4f')}"
+        if not math.isnan(r["diff_vs_reference"]):
+            diff = f"{r['diff_vs_reference']:+.4f} ± {_fmt(r['diff_ci95'], '.4f')}"
         lines.append(
             f"| {r['variant']} | {r['seeds']} | {r['mean']:.4f} | {_fmt(r['std'], '.4f')} | {diff} | "
             f"{_fmt(r['churn'], '.3f')} | {_fmt(r['kept_changes'], '.1f')} | "

@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="*", default=None, help="only these variants")
     parser.add_argument("--seeds", nargs="*", type=int, default=None, help="only these seeds")
     parser.add_argument(
+        "--reference", default="static", help="the variant every other is paired against (default static)"
+    )
+    parser.add_argument(
         "--report",
         nargs="*",
         default=None,
@@ -143,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     else:
         rows = run_all(comparison, configs, out_dir / f"{comparison.name}-runs.csv")
-    summary = summarize(rows, list(comparison.variants))
+    if args.reference not in comparison.variants:
+        print(f"error: --reference: unknown variant {args.reference!r}", file=sys.stderr)
+        return 2
+    summary = summarize(rows, list(comparison.variants), reference_variant=args.reference)
     table = write_summary(out_dir, comparison.name, summary)
     print(table, end="")
     print(f"written to {out_dir}/{comparison.name}.md and .csv")

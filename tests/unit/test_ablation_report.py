@@ -26,13 +26,16 @@ def test_summary_pairs_by_seed_and_averages_diagnostics() -> None:
                                                                            "split1/churn": 0.1})  # fmt: skip
     summary = {r["variant"]: r for r in summarize(data)}
     eiw = summary["eiw"]
-    assert eiw["diff_vs_static"] == pytest.approx(0.2)  # paired: the seed spread (1.0) cancels
+    assert eiw["diff_vs_reference"] == pytest.approx(0.2)  # paired: the seed spread (1.0) cancels
     assert eiw["diff_ci95"] == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
     assert eiw["std"] == pytest.approx(1.1, rel=1e-6)
     assert eiw["churn"] == pytest.approx(0.3)
-    assert math.isnan(summary["static"]["diff_vs_static"]) and math.isnan(summary["static"]["churn"])
+    assert math.isnan(summary["static"]["diff_vs_reference"]) and math.isnan(summary["static"]["churn"])
     table = markdown_table(summarize(data))
     assert "+0.2000 ± 0.2484" in table and "| static | 3 | 5.0000 |" in table
+    against_eiw = {r["variant"]: r for r in summarize(data, reference_variant="eiw")}
+    assert against_eiw["static"]["diff_vs_reference"] == pytest.approx(-0.2)
+    assert "vs eiw (paired" in markdown_table(list(against_eiw.values()))
 
 
 def test_per_run_csv_round_trip_and_merge(tmp_path) -> None:
