@@ -65,6 +65,7 @@ def config_for(comparison: Comparison, variant: str, seed: int, extra: Overrides
         **comparison.variants[variant],
         "run.name": f"{comparison.name}-{variant}-seed{seed}",
         "run.seed": seed,
+        "model.init_seed": seed,  # a seed is a whole replicate: initial weights, data order, eval noise
         "ray.enabled": False,
         "ray.num_workers": 1,
         **as_overrides(extra),

@@ -59,6 +59,7 @@ def test_variant_values_are_applied_as_typed_values(tmp_path: Path, monkeypatch)
         1,
         False,
     )
+    assert cfg.model.init_seed == 3, "a seed also draws the initial weights (shared by every variant)"
 
 
 def test_report_mode_tabulates_finished_runs_from_several_files(tmp_path: Path, monkeypatch, capsys) -> None:
