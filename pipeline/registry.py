@@ -21,9 +21,11 @@ Aliases (MLflow's replacement for stages): ``newest_alias`` follows every new ve
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -178,6 +180,24 @@ def _load_pickled(local: Path, uri: str, map_location: str | torch.device, allow
     return model.eval()
 
 
+@contextlib.contextmanager
+def _registry_at(tracking_uri: str | None) -> Iterator[None]:
+    """MLflow 3.17 resolves ``models:/`` URIs through the *global* registry URI, whatever
+    ``download_artifacts(registry_uri=...)`` says: point it (and the tracking URI) at ours for the
+    download and restore the caller's settings afterwards."""
+    if tracking_uri is None:
+        yield
+        return
+    previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_tracking)
+        mlflow.set_registry_uri(previous_registry)
+
+
 def load_flow_model(
     uri: str,
     *,
@@ -195,7 +215,7 @@ def load_flow_model(
     them and so runs whatever code the file names: only for a registry whose writers you trust.
     ``tracking_uri`` (also used as the registry URI) defaults to MLflow's configured one.
     """
-    with tempfile.TemporaryDirectory(prefix="eiw-load-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="eiw-load-") as tmp, _registry_at(tracking_uri):
         local = Path(
             mlflow.artifacts.download_artifacts(
                 artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=tracking_uri
