@@ -23,10 +23,11 @@ Costs and exactness (docs/model.md, "Memory modes", has the measurements):
   standard.
 - Reconstruction never crosses a level boundary: the level's output is what the split consumes, is
   kept, and the rebuild of each level starts from it. Drift is bounded by K steps, not L*K.
-- Under autocast, ActNorm and the 1x1 conv (the layers whose inverse is numerical) run in float32 in
-  this mode; only the coupling nets use the low precision. Their outputs are never inverted, only
-  recomputed from an unchanged half, so bf16 drift stays at float32's level (a bf16 1x1 conv would
-  lose ~2^-8 relative per step, and rebuilt inputs would drift by percents at depth 48).
+- Under autocast, everything that is inverted numerically runs in float32 in this mode: ActNorm, the
+  1x1 conv and the coupling's affine algebra; only the coupling nets' convolutions use the low
+  precision (most of the compute). A net's output is never inverted, only recomputed from the
+  unchanged half. (A bf16 1x1 conv loses ~2^-8 relative per step, a bf16 shift * scale ~2^-9 |shift|,
+  and rebuilt inputs would drift by percents at depth 48.)
 - Forward hooks (LCMA measures the couplings with them) run once per training forward, in the forward
   pass, with gradients enabled as in standard mode; the inverse and the recomputation in backward run
   with the step's hooks suppressed, so nothing is measured twice. Global module hooks are not
@@ -79,9 +80,18 @@ class _Autocast:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
     def for_layer(self, layer: nn.Module) -> contextlib.AbstractContextManager:
-        """Autocast off for the layers that are inverted numerically, as it is for everything else."""
-        if self.enabled and isinstance(layer, FULL_PRECISION_LAYERS):
+        """The precision rule of invertible mode under autocast: whatever is inverted numerically runs
+        in float32. ActNorm and the 1x1 conv with autocast off; a coupling's net under autocast, but its
+        output cast to float32, so the coupling's own algebra (shift * scale, the division of its
+        inverse) is float32. Without the cast, bf16(shift * scale) makes forward and inverse disagree
+        by ~2^-9 |shift| at every step."""
+        if not self.enabled:
+            return contextlib.nullcontext()
+        if isinstance(layer, FULL_PRECISION_LAYERS):
             return torch.autocast(self.device_type, enabled=False)
+        if isinstance(layer, COUPLING_LAYERS):
+            run_net = layer.net.forward
+            return _net_forward(layer.net, lambda x_a: run_net(x_a).float())
         return contextlib.nullcontext()
 
     def cast_for(self, layer: nn.Module, x: Tensor) -> Tensor:
@@ -177,7 +187,8 @@ def _layer_vjp(
             assert not captured, "a coupling calls its net once per direction"
             a = x_a.detach().requires_grad_(need_x)
             with torch.enable_grad():
-                captured.append((a, run_net(a)))
+                h = run_net(a)
+                captured.append((a, h.float() if amp.enabled else h))  # the precision rule (for_layer)
             return captured[0][1].detach()
 
         def net_again(x_a: Tensor) -> Tensor:
