@@ -16,8 +16,10 @@ Columns (one run, one table):
   what it recomputes during backward shows up only in the peak.
 - peak: in a fresh subprocess per (mode, K), started before anything is timed: on CUDA
   ``max_memory_allocated`` during a step over the allocation after a warm-up step; on CPU the growth
-  of peak RSS over RSS after one warm-up step (coarse, the allocator decides it). It includes
-  backward's transient tensors.
+  of peak RSS over RSS after one warm-up step, with glibc's mmap threshold fixed
+  (``MALLOC_MMAP_THRESHOLD_=65536``) so that freed tensors leave RSS. It includes backward's transient
+  tensors and the parameters' gradients (the step starts with ``zero_grad(set_to_none=True)``), which
+  grow with K in every mode (the parameters column).
 - step time: medians over interleaved rounds in one process (every mode and depth once per round), so
   machine load hits them alike; the ratio is the median over rounds of time / standard time at the same
   K in the same round. CPU clock = process CPU time with one intra-op thread (wall time on a shared
@@ -25,11 +27,14 @@ Columns (one run, one table):
 
 ``--drift``: max |x - x_rebuilt| per level over the level's input, rebuilt from the level's output through
 K inverses exactly as invertible mode's backward does (``flows.invertible.reconstruction_error``), at the
-recipe's depth (4 levels x 48 steps, 512 hidden, 3x64x64) in float32 and under bf16 autocast, plus a
-"naive bf16" row: every layer under autocast, as standard mode computes it (the 1x1 conv in bf16).
-Weights: ActNorm initialised on the images, then each coupling's zero-initialised output conv drawn
-N(0, drift_scale^2) so that the couplings are far from the identity (a stand-in for trained weights;
-the script prints the range of the coupling scales it produced).
+recipe's depth (4 levels x 48 steps, 512 hidden, 3x64x64, EIW split) in float32 and under bf16
+autocast, plus a "naive bf16" row: every layer under autocast, as standard mode computes it (the 1x1
+conv in bf16). Then what it does to gradients: per level, the relative error ||g - g_ref|| / ||g_ref||
+of the parameter gradient against float32 standard backprop, for invertible in float32, standard under
+bf16 autocast (bf16's own error, the yardstick) and invertible under bf16 autocast.
+Weights: each coupling's zero-initialised output conv drawn N(0, drift_scale^2) so that the couplings
+are far from the identity (a stand-in for trained weights; the script prints the range of the coupling
+scales it produced), then ActNorm initialised on the images.
 
 ``--paired N``: standard and invertible models from one init_seed trained N Adam steps on the same
 batches (32x32 crops of scikit-image's photographs, or noise without it); prints train bits/dim along
@@ -42,6 +47,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -154,10 +160,19 @@ def memory_child(args: argparse.Namespace) -> None:
     activations = activations_mib(model, loss)
     model.zero_grad(set_to_none=True)
     peak = step_peak_mib(step, args.device)
-    print(json.dumps({"peak_mib": peak, "saved_mib": saved, "activations_mib": activations}))
+    params = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    print(
+        json.dumps(
+            {"peak_mib": peak, "saved_mib": saved, "activations_mib": activations, "params_mib": params}
+        )
+    )
 
 
 def memory_numbers(args: argparse.Namespace, mode: str, k: int) -> dict[str, float]:
+    # glibc otherwise raises its mmap threshold after the first large free and keeps freed blocks in
+    # the heap, so the warm-up step's memory is reused and a step's peak barely shows in RSS. A fixed
+    # threshold returns every large block on free: RSS then follows the live tensors.
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     argv = ["--child", f"{mode}:{k}", "--device", args.device, "--split", args.split]
     for key in ("levels", "hidden", "batch", "size", "threads"):
         argv += [f"--{key}", str(getattr(args, key))]
@@ -178,16 +193,17 @@ def memory_table(args: argparse.Namespace) -> None:
     step_name = "step ms (wall)" if args.device == "cuda" else "step ms (CPU)"
     peak_name = "peak alloc MiB" if args.device == "cuda" else "peak RSS+ MiB"
     print(
-        f"| K | memory | saved MiB (all) | activations MiB | x standard | {peak_name} | x standard "
-        f"| {step_name} | x standard |"
+        f"| K | memory | parameters MiB | saved MiB (all) | activations MiB | x standard | {peak_name} "
+        f"| x standard | {step_name} | x standard |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for k in args.steps:
         ref = memory[("standard", k)]
         for mode in MODES:
             m = memory[(mode, k)]
             print(
-                f"| {k} | {mode} | {m['saved_mib']:.1f} | {m['activations_mib']:.1f} | "
+                f"| {k} | {mode} | {m['params_mib']:.1f} | {m['saved_mib']:.1f} | "
+                f"{m['activations_mib']:.1f} | "
                 f"{m['activations_mib'] / ref['activations_mib']:.3f} | {m['peak_mib']:.1f} | "
                 f"{m['peak_mib'] / ref['peak_mib']:.3f} | {times[(mode, k)] * 1e3:.0f} | "
                 f"{ratios[(mode, k)]:.3f} |",
@@ -216,18 +232,55 @@ def naive_bf16_error(model, x: torch.Tensor) -> list[float]:
     return errors
 
 
-def drift(args: argparse.Namespace) -> None:
+def recipe_depth_model(args: argparse.Namespace):
+    """The recipe's depth (4 levels x 48 steps, 3x64x64, EIW) at width ``--drift-hidden``, with trained
+    weights (``--drift-train`` Adam steps on photo crops, cached in ``--drift-state``) or, with
+    ``--drift-train 0``, every coupling's output conv drawn N(0, drift_scale^2)."""
     torch.manual_seed(0)
-    cfg = FlowConfig(image_shape=(3, 64, 64), num_levels=4, num_steps=48, hidden_channels=512)
+    cfg = FlowConfig(
+        image_shape=(3, 64, 64),
+        num_levels=4,
+        num_steps=48,
+        hidden_channels=args.drift_hidden,
+        split=SplitConfig(strategy="eiw"),
+    )
     model = build_flow(cfg).to(args.device).train()
+    state = Path(args.drift_state) if args.drift_state else None
+    if state is not None and state.exists():
+        model.load_state_dict(torch.load(state, weights_only=True))
+        return model, f"trained weights from {state}"
+    if args.drift_train == 0:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, AffineCoupling):
+                    w = module.net.conv_out.conv.weight
+                    w.copy_(args.drift_scale * torch.randn(w.shape, generator=g).to(w))
+        initialize_actnorm(model, photos(16, 64, seed=3).to(args.device))  # every step's input normalised
+        return model, f"coupling output convs drawn with std {args.drift_scale}"
+    initialize_actnorm(model, photos(16, 64, seed=3).to(args.device))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    t0 = time.perf_counter()
+    for step in range(args.drift_train):
+        model.advance(step)
+        bpd = model.bits_per_dim(photos(args.drift_train_batch, 64, seed=10**5 + step).to(args.device)).mean()
+        optimizer.zero_grad(set_to_none=True)
+        (bpd + model.cfg.split.sigma * model.regularization()).backward()
+        optimizer.step()
+        if step % 25 == 0 or step + 1 == args.drift_train:
+            print(
+                f"train step {step + 1}: bits/dim {bpd.item():.3f} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+    if state is not None:
+        torch.save(model.state_dict(), state)
+    how = f"trained {args.drift_train} Adam steps (lr 1e-3, batch {args.drift_train_batch})"
+    return model, f"{how}, last train bits/dim {bpd.item():.3f}"
+
+
+def drift(args: argparse.Namespace) -> None:
+    model, weights = recipe_depth_model(args)
     data = photos(args.drift_batch, 64, seed=1).to(args.device)
-    initialize_actnorm(model, data)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, AffineCoupling):
-                w = module.net.conv_out.conv.weight
-                w.copy_(args.drift_scale * torch.randn(w.shape, generator=g).to(w))
     x = model.dequantize(data, generator=torch.Generator().manual_seed(2))
     scales = []
     hooks = [
@@ -242,8 +295,7 @@ def drift(args: argparse.Namespace) -> None:
     s = torch.cat(scales)
     print(
         f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} recipe depth "
-        f"L=4 K=48 hidden=512 image=3x64x64 batch={args.drift_batch} "
-        f"coupling conv_out std={args.drift_scale}: "
+        f"L=4 K=48 hidden={args.drift_hidden} image=3x64x64 batch={args.drift_batch}; {weights}; "
         f"coupling scales min {s.min():.3g}, 1% {s.quantile(0.01):.3g}, median {s.median():.3g}",
         flush=True,
     )
@@ -266,7 +318,45 @@ def drift(args: argparse.Namespace) -> None:
     print("|---|" + "---|" * levels)
     print("| std of the level's output | " + " | ".join(f"{v:.3g}" for v in level_std) + " |")
     for name, errors in rows.items():
-        print(f"| max abs error, {name} | " + " | ".join(f"{e:.2e}" for e in errors) + " |")
+        print(f"| max abs error, {name} | " + " | ".join(f"{e:.2e}" for e in errors) + " |", flush=True)
+
+    # What the drift does to the gradients: relative error of each level's parameter gradient against
+    # float32 standard backprop (the split, prior and EIW parameters are counted with their level).
+    def level_grads(mode: str, amp: bool) -> list[torch.Tensor]:
+        model.memory = mode
+        model.advance(0)
+
+        def loss() -> torch.Tensor:
+            model.zero_grad(set_to_none=True)
+            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=amp):
+                bpd = model.bits_per_dim(data, generator=torch.Generator().manual_seed(2))
+                reg = model.regularization()
+            return bpd.float().mean() + model.cfg.split.sigma * reg.float()
+
+        stored[(mode, amp)] = activations_mib(model, loss)
+        groups: list[list[torch.Tensor]] = [[] for _ in range(levels)]
+        for name, p in model.named_parameters():
+            parts = name.split(".")
+            level = int(parts[1]) if parts[0] in ("levels", "splits") else levels - 1
+            groups[level].append(p.grad.flatten().float())
+        return [torch.cat(g) for g in groups]
+
+    stored: dict[tuple[str, bool], float] = {}
+    reference = level_grads("standard", amp=False)
+    print(
+        "| gradient error vs float32 standard | " + " | ".join(f"level {i + 1}" for i in range(levels)) + " |"
+    )
+    print("|---|" + "---|" * levels)
+    for mode, amp in (("invertible", False), ("standard", True), ("invertible", True)):
+        grads = level_grads(mode, amp)
+        errors = [((g - r).norm() / r.norm()).item() for g, r in zip(grads, reference, strict=True)]
+        label = f"{mode}, {'bf16 autocast' if amp else 'float32'}"
+        print(f"| {label} | " + " | ".join(f"{e:.2e}" for e in errors) + " |", flush=True)
+    level_grads("checkpoint", amp=True)
+    level_grads("checkpoint", amp=False)
+    print(f"stored activations (MiB, batch {args.drift_batch}; activations grow linearly with the batch):")
+    for (mode, amp), mib in sorted(stored.items()):
+        print(f"  {mode:10s} {'bf16 autocast' if amp else 'float32':13s} {mib:9.1f}")
 
 
 # ------------------------------------------------------------------------------ paired training
@@ -364,7 +454,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads on CPU")
     parser.add_argument("--drift", action="store_true", help="reconstruction error at the recipe depth")
     parser.add_argument("--drift-batch", type=int, default=2)
-    parser.add_argument("--drift-scale", type=float, default=0.05)
+    parser.add_argument("--drift-scale", type=float, default=0.02)
+    parser.add_argument("--drift-hidden", type=int, default=512)
+    parser.add_argument("--drift-train", type=int, default=0, help="Adam steps before measuring drift")
+    parser.add_argument("--drift-train-batch", type=int, default=8)
+    parser.add_argument("--drift-state", default=None, help="cache of the trained weights (.pt)")
     parser.add_argument("--paired", type=int, default=0, help="train standard and invertible N steps")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
