@@ -112,7 +112,6 @@ class Tracker:
         self._held_images: set[tuple[str, int]] = set()
         self._pending: list[Any] = []  # RunOperations of asynchronous log_batch calls
         self._monitor: Any = None  # mlflow.system_metrics SystemMetricsMonitor
-        self.log_seconds = 0.0  # time the calling thread spent in log_metrics (benchmarks)
 
     @property
     def client(self) -> MlflowClient:
@@ -201,7 +200,6 @@ class Tracker:
         leaving out the keys whose ``step`` an earlier attempt of this run already logged."""
         if not self.active:
             return
-        began = time.perf_counter()
         now = int(time.time() * 1000)
         fresh = [
             Metric(key, float(v), now, int(step))
@@ -217,7 +215,6 @@ class Tracker:
             operation = self.client.log_batch(self.run_id, metrics=chunk, synchronous=synchronous)
             if operation is not None:
                 self._pending.append(operation)
-        self.log_seconds += time.perf_counter() - began
 
     def log_images(self, step: int, images: dict[str, np.ndarray]) -> None:
         """``mlflow``'s stepped images (the UI's image slider), one per key; a (key, step) the run
