@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config, resolve
@@ -59,6 +60,7 @@ def test_live_metrics_each_step_once_across_a_restart_with_data_and_code(
             [
                 f"data.root={tiny_shards}", f"run.root={tmp_path / 'runs'}", "run.name=live",
                 f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.registered_model=tiny-live",
+                "mlflow.experiment=live-metrics",
                 "mlflow.system_metrics_interval_s=0.5", "ray.enabled=false", "run.progress_bar=false",
                 "run.num_threads=1", "run.log_every=2", "run.checkpoint_every=4",
             ],
@@ -115,7 +117,13 @@ def test_live_metrics_each_step_once_across_a_restart_with_data_and_code(
     assert run.data.tags[GIT_COMMITS_TAG].split(",")[-1] == commit
 
     # The registered model carries the resolved config and the same lineage.
-    info = mlflow.models.get_model_info(f"models:/tiny-live/{result.model_version}")
-    assert info.metadata["config"]["run"]["log_every"] == 2
-    assert info.metadata["datasets"]["training"]["digest"] == inputs["training"].digest
-    assert info.metadata["code"]["commit"] == commit
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/tiny-live/{result.model_version}",
+        dst_path=str(tmp_path / "model"),
+        tracking_uri=mlflow_server.uri,
+        registry_uri=mlflow_server.uri,
+    )
+    metadata = Model.load(local).metadata
+    assert metadata["config"]["run"]["log_every"] == 2
+    assert metadata["datasets"]["training"]["digest"] == inputs["training"].digest
+    assert metadata["code"]["commit"] == commit
