@@ -21,11 +21,9 @@ Aliases (MLflow's replacement for stages): ``newest_alias`` follows every new ve
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -180,22 +178,22 @@ def _load_pickled(local: Path, uri: str, map_location: str | torch.device, allow
     return model.eval()
 
 
-@contextlib.contextmanager
-def _registry_at(tracking_uri: str | None) -> Iterator[None]:
-    """MLflow 3.17 resolves ``models:/`` URIs through the *global* registry URI, whatever
-    ``download_artifacts(registry_uri=...)`` says: point it (and the tracking URI) at ours for the
-    download and restore the caller's settings afterwards."""
-    if tracking_uri is None:
-        yield
-        return
-    previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous_tracking)
-        mlflow.set_registry_uri(previous_registry)
+def _storage_uri(uri: str, tracking_uri: str | None) -> str:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> where that version's files are,
+    resolved through ``tracking_uri``'s registry. MLflow 3.17's ``download_artifacts`` resolves
+    ``models:/`` URIs through the *global* registry URI whatever its ``registry_uri`` argument says, and
+    setting the global would leak into the caller's process (and its environment variables)."""
+    if tracking_uri is None or not uri.startswith("models:/"):
+        return uri
+    name, sep, alias = uri.removeprefix("models:/").partition("@")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if sep:
+        version = client.get_model_version_by_alias(name, alias).version
+    else:
+        name, _, version = name.rpartition("/")
+        if not name or not version.isdigit():
+            return uri  # a logged model id (models:/m-...): resolved through the tracking URI
+    return client.get_model_version_download_uri(name, version)
 
 
 def load_flow_model(
@@ -215,10 +213,13 @@ def load_flow_model(
     them and so runs whatever code the file names: only for a registry whose writers you trust.
     ``tracking_uri`` (also used as the registry URI) defaults to MLflow's configured one.
     """
-    with tempfile.TemporaryDirectory(prefix="eiw-load-") as tmp, _registry_at(tracking_uri):
+    with tempfile.TemporaryDirectory(prefix="eiw-load-") as tmp:
         local = Path(
             mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=tracking_uri
+                artifact_uri=_storage_uri(uri, tracking_uri),
+                dst_path=tmp,
+                tracking_uri=tracking_uri,
+                registry_uri=tracking_uri,
             )
         )
         mlmodel = Model.load(str(local))  # the MLmodel YAML, read with yaml.safe_load
