@@ -258,14 +258,22 @@ class _InvertibleStep(torch.autograd.Function):
         ctx.step, ctx.tape, ctx.is_first, ctx.is_last, ctx.amp, ctx.x_dtype = (
             step, tape, is_first, is_last, amp, x.dtype
         )  # fmt: skip
-        ctx.save_for_backward(*params, *((y,) if is_last else ()))
+        # The parameters are not saved (they are the module's, and saved-tensor hooks such as CPU
+        # offloading would copy them every step); their versions stand in for autograd's check.
+        ctx.versions = tuple(p._version for p in params)
+        if is_last:
+            ctx.save_for_backward(y)
         return y, log_det
 
     @staticmethod
     def backward(ctx, grad_y, grad_ld):  # noqa: ANN001, ANN205
-        saved = ctx.saved_tensors
-        params = saved[: len(saved) - ctx.is_last]
-        y = saved[-1] if ctx.is_last else ctx.tape.take()
+        params = tuple(ctx.step.parameters())  # the forward's inputs, in the same order
+        if tuple(p._version for p in params) != ctx.versions:
+            raise RuntimeError(
+                "invertible flow step: a parameter was modified in place between forward and backward "
+                "(an optimizer step before backward?); its gradient would be computed at the new value"
+            )
+        y = ctx.saved_tensors[0] if ctx.is_last else ctx.tape.take()
         wanted = {id(p) for p, need in zip(params, ctx.needs_input_grad[5:], strict=True) if need}
         param_grads: dict[int, Tensor] = {}
         layers = leaf_layers(ctx.step)

@@ -275,3 +275,27 @@ def test_pipeline_train_step_skips_a_poisoned_step_in_invertible_mode() -> None:
     assert not result.skipped and any(
         not torch.equal(a, p) for a, p in zip(before, flow.parameters(), strict=True)
     )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_equal_under_saved_tensor_hooks_that_copy(mode: str) -> None:
+    """Saved-tensor hooks (CPU offloading, the benchmarks' byte counting) hand back other tensor objects."""
+    base = reference_model(config({"strategy": "eiw"}))
+    expected = gradients(copy_of(base, "standard"))
+    model = copy_of(base, mode)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        loss = loss_of(model)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, expected[name], atol=1e-10, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["standard", "invertible"])
+def test_a_parameter_changed_in_place_before_backward_is_an_error(mode: str) -> None:
+    model = copy_of(reference_model(config({"strategy": "static"})), mode)
+    loss = loss_of(model)
+    with torch.no_grad():
+        model.levels[0].layers[1].layers[2].net.conv_in.weight.mul_(1.1)  # e.g. optimizer.step() too early
+    with pytest.raises(RuntimeError, match="modified"):
+        loss.backward()
