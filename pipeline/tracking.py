@@ -136,6 +136,9 @@ class Tracker:
         if mlflow.active_run() is not None:
             mlflow.end_run()  # a run left open in this process by an earlier fit
         if run_id is not None:
+            # start_run(run_id=...) refuses a run outside the process's active experiment (one a
+            # notebook or an earlier fit set): make the run's own experiment the active one.
+            mlflow.set_experiment(experiment_id=self.client.get_run(run_id).info.experiment_id)
             run = mlflow.start_run(run_id=run_id, log_system_metrics=False)
             log.info("continuing MLflow run %s (%s)", run_id, run_name)
             self._read_held(run_id, resumed_from)
