@@ -3,6 +3,7 @@
     python benchmarks/memory_modes.py [--device cpu|cuda] [--steps 4 8 16 32 --levels 3 --hidden 128]
     python benchmarks/memory_modes.py --drift      # reconstruction error at the ImageNet-64 recipe depth
     python benchmarks/memory_modes.py --paired 300 # standard and invertible trained side by side
+    python benchmarks/memory_modes.py --recipe-memory configs/imagenet64.yaml  # stored activations
 
 Every model is the same Glow (L levels of K steps, EIW split by default, same width, same images); only
 ``memory`` and K differ. One training step is what the training loop does: ``model.advance``,
@@ -36,11 +37,16 @@ Weights: each coupling's zero-initialised output conv drawn N(0, drift_scale^2) 
 are far from the identity (a stand-in for trained weights; the script prints the range of the coupling
 scales it produced), then ActNorm initialised on the images.
 
-``--paired N``: standard and invertible models from one init_seed, and a standard one from another
-init_seed (how much two equally good runs differ: the noise), trained N Adam steps on the same batches
-with the same dequantization noise (32x32 crops of scikit-image's photographs, or noise without it);
-prints train bits/dim along the way, held-out bits/dim at the end, and the largest parameter
-difference between the paired runs.
+``--recipe-memory CONFIG``: the stored activations (bytes autograd keeps after the forward pass,
+parameters excluded) of a recipe config's model, per memory mode, in float32 and under bf16 autocast,
+measured at a small batch and scaled linearly to the config's per-GPU batch.
+
+``--paired N``: standard and invertible models from one init_seed, a standard one whose weights are
+moved by one float32 rounding (how far any rounding difference carries: Adam amplifies them), and a
+standard one from another init_seed (how much two equally good runs differ: the noise), trained N
+Adam steps on the same batches with the same dequantization noise (32x32 crops of scikit-image's
+photographs, or noise without it); prints train bits/dim along the way, held-out bits/dim at the end,
+and the largest parameter difference between the paired runs.
 """
 
 from __future__ import annotations
@@ -360,6 +366,46 @@ def drift(args: argparse.Namespace) -> None:
         print(f"  {mode:10s} {'bf16 autocast' if amp else 'float32':13s} {mib:9.1f}")
 
 
+# ------------------------------------------------------------------------------ recipe memory
+def recipe_memory(args: argparse.Namespace, config: str) -> None:
+    """Stored activations (forward only, parameters excluded) of a recipe config's model at batch
+    ``--recipe-batch`` in float32 and under bf16 autocast, per memory mode; linear in the batch."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from pipeline.config import load_config
+
+    cfg = load_config(config)
+    model = build_flow(cfg.model).to(args.device).train()
+    c, h, w = cfg.model.image_shape
+    data = photos(args.recipe_batch, h, seed=1).to(args.device)
+    initialize_actnorm(model, data)
+    model.advance(0)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    per_image = cfg.data.batch_size / args.recipe_batch
+    print(
+        f"{config}: L={cfg.model.num_levels} K={cfg.model.num_steps} hidden={cfg.model.hidden_channels} "
+        f"{c}x{h}x{w}, measured at batch {args.recipe_batch}, scaled to the recipe's batch "
+        f"{cfg.data.batch_size} per GPU"
+    )
+    print(f"| memory | precision | stored activations MiB, batch {cfg.data.batch_size} |")
+    print("|---|---|---|")
+    for mode in MODES:
+        model.memory = mode
+        for amp in (False, True):
+            storages: dict[int, int] = {}
+
+            def pack(t: torch.Tensor, storages: dict[int, int] = storages) -> torch.Tensor:
+                if t.untyped_storage().data_ptr() not in params:
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                with torch.autocast(args.device, dtype=torch.bfloat16, enabled=amp):
+                    loss = model.bits_per_dim(data).float().mean() + model.regularization().float()
+            del loss  # the graph goes; nothing is back-propagated
+            mib = sum(storages.values()) / 2**20 * per_image
+            print(f"| {mode} | {'bf16 autocast' if amp else 'float32'} | {mib:.0f} |", flush=True)
+
+
 # ------------------------------------------------------------------------------ paired training
 @functools.cache
 def _pictures() -> list[torch.Tensor]:
@@ -393,7 +439,12 @@ def paired(args: argparse.Namespace) -> None:
     how much two equally good runs differ), trained on the same batches with the same noise."""
     k = args.steps[0]
     split = SplitConfig(strategy=args.split)
-    runs = {"standard": ("standard", 0), "invertible": ("invertible", 0), "standard, seed 1": ("standard", 1)}
+    runs = {
+        "standard": ("standard", 0),
+        "invertible": ("invertible", 0),
+        "standard, rounding-perturbed": ("standard", 0),
+        "standard, seed 1": ("standard", 1),
+    }
     models, optimizers = {}, {}
     for name, (mode, seed) in runs.items():
         cfg = FlowConfig(
@@ -402,6 +453,11 @@ def paired(args: argparse.Namespace) -> None:
         )  # fmt: skip
         models[name] = build_flow(cfg).to(args.device)
         initialize_actnorm(models[name], photos(64, 32, seed=10**6).to(args.device))
+        if name.endswith("rounding-perturbed"):  # every weight moved by one float32 rounding (2^-24)
+            g = torch.Generator().manual_seed(7)
+            with torch.no_grad():
+                for p in models[name].parameters():
+                    p.mul_(1 + 2.0**-24 * torch.randn(p.shape, generator=g).sign().to(p))
         optimizers[name] = torch.optim.Adam(models[name].parameters(), lr=1e-3)
     test = photos(256, 32, seed=10**6 + 1).to(args.device)
     print(
@@ -445,7 +501,9 @@ def paired(args: argparse.Namespace) -> None:
     print(
         "held-out bits/dim (256 crops): "
         + ", ".join(f"{m} {v:.4f}" for m, v in test_bpd.items())
-        + f"; invertible - standard {test_bpd['invertible'] - test_bpd['standard']:+.2e}, seed 1 - seed 0 "
+        + f"; invertible - standard {test_bpd['invertible'] - test_bpd['standard']:+.2e}, "
+        f"rounding-perturbed - standard "
+        f"{test_bpd['standard, rounding-perturbed'] - test_bpd['standard']:+.2e}, seed 1 - seed 0 "
         f"{test_bpd['standard, seed 1'] - test_bpd['standard']:+.2e}; largest parameter difference "
         f"invertible vs standard, relative to the tensor's max: {max(diffs):.2e}"
     )
@@ -471,6 +529,8 @@ def main() -> None:
     parser.add_argument("--drift-train-batch", type=int, default=8)
     parser.add_argument("--drift-state", default=None, help="cache of the trained weights (.pt)")
     parser.add_argument("--paired", type=int, default=0, help="train standard and invertible N steps")
+    parser.add_argument("--recipe-memory", default=None, help="a recipe config: its stored activations")
+    parser.add_argument("--recipe-batch", type=int, default=2)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == "cpu":
@@ -481,6 +541,8 @@ def main() -> None:
         drift(args)
     elif args.paired:
         paired(args)
+    elif args.recipe_memory:
+        recipe_memory(args, args.recipe_memory)
     else:
         memory_table(args)
 
