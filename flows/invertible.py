@@ -20,14 +20,14 @@ Costs and exactness (docs/model.md, "Memory modes", has the measurements):
   the inverse runs it on the unchanged half with gradients on, and the recomputed forward reuses that
   output (the unchanged half is the net's input in both directions). ActNorm and the 1x1 conv are
   inverted and recomputed separately (cheap). So a step costs forward + net + backward, about 4/3 of
-  standard.
+  standard in convolutions (1.3-1.5x measured on a CPU, docs/benchmarks.md).
 - Reconstruction never crosses a level boundary: the level's output is what the split consumes, is
   kept, and the rebuild of each level starts from it. Drift is bounded by K steps, not L*K.
 - Under autocast, everything that is inverted numerically runs in float32 in this mode: ActNorm, the
   1x1 conv and the coupling's affine algebra; only the coupling nets' convolutions use the low
   precision (most of the compute). A net's output is never inverted, only recomputed from the
-  unchanged half. (A bf16 1x1 conv loses ~2^-8 relative per step, a bf16 shift * scale ~2^-9 |shift|,
-  and rebuilt inputs would drift by percents at depth 48.)
+  unchanged half. (A bf16 1x1 conv loses ~2^-8 relative per step, a bf16 shift * scale ~2^-9 |shift|;
+  at depth 48 rebuilt inputs would be off by 0.07-5 instead of 1e-3-6e-3.)
 - Forward hooks (LCMA measures the couplings with them) run once per training forward, in the forward
   pass, with gradients enabled as in standard mode; the inverse and the recomputation in backward run
   with the step's hooks suppressed, so nothing is measured twice. Global module hooks are not
