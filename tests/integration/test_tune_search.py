@@ -138,7 +138,7 @@ def test_parent_run_holds_the_table_and_the_plots(search, tmp_path):
     client, parent_id = search.client, search.second.parent_run_id
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["space.model.split.sigma"] == "grid[0.001, 0.1]"
+    assert parent.data.params["space.model.split.sigma"] == "grid[0.0001, 1.0]"
     names = {a.path for a in client.list_artifacts(parent_id)}
     assert {TABLE_NAME, *PLOT_NAMES} <= names, names
     local = Path(client.download_artifacts(parent_id, TABLE_NAME, str(tmp_path)))
