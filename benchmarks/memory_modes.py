@@ -452,6 +452,7 @@ def paired(args: argparse.Namespace) -> None:
             split=split, memory=mode, init_seed=seed,
         )  # fmt: skip
         models[name] = build_flow(cfg).to(args.device)
+        torch.manual_seed(0)  # initialize_actnorm dequantizes with the global RNG: the same noise for all
         initialize_actnorm(models[name], photos(64, 32, seed=10**6).to(args.device))
         if name.endswith("rounding-perturbed"):  # every weight moved by one float32 rounding (2^-24)
             g = torch.Generator().manual_seed(7)
