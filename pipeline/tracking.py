@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import mlflow.tracking.fluent as mlflow_fluent
 import numpy as np
 from mlflow.data.dataset import Dataset
 from mlflow.entities import Metric
@@ -137,11 +136,6 @@ class Tracker:
         if mlflow.active_run() is not None:
             mlflow.end_run()  # a run left open in this process by an earlier fit
         if run_id is not None:
-            # start_run(run_id=...) refuses a run outside the process's active experiment (one a
-            # notebook or an earlier fit set): then make the run's own experiment the active one.
-            run_experiment = self.client.get_run(run_id).info.experiment_id
-            if mlflow_fluent._active_experiment_id not in (None, run_experiment):
-                mlflow.set_experiment(experiment_id=run_experiment)
             run = mlflow.start_run(run_id=run_id, log_system_metrics=False)
             log.info("continuing MLflow run %s (%s)", run_id, run_name)
             self._read_held(run_id, resumed_from)

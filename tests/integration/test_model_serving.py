@@ -56,8 +56,13 @@ def bpd(model: flows.FlowModel, x: torch.Tensor, seed: int) -> np.ndarray:
 def log_and_register(server, name: str, model: flows.FlowModel, test_bpd: float):
     """What the training loop does on rank 0: log the model in a run, then register it."""
     mlflow.set_tracking_uri(server.uri)
-    mlflow.set_experiment("model-serving")
-    with mlflow.start_run() as run:
+    # An explicit experiment, not mlflow.set_experiment: that would stay the process's active
+    # experiment (and MLFLOW_EXPERIMENT_ID) for every later test, and reopening a run of another
+    # experiment then fails in MLflow's start_run.
+    client = mlflow.MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("model-serving")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("model-serving")
+    with mlflow.start_run(experiment_id=experiment_id) as run:
         model_uri = log_flow_model(model, test_bpd=test_bpd)
     cfg = MlflowConfig(tracking_uri=server.uri, registered_model=name)
     return model_uri, register(model_uri, cfg=cfg, test_bpd=test_bpd, run_id=run.info.run_id)
