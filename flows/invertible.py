@@ -234,6 +234,8 @@ class _Tape:
 
     def __init__(self) -> None:
         self.rebuilt: Tensor | None = None
+        # After backward: max |x - x_rebuilt| over the run's input (a 0-dim tensor, so no device sync).
+        self.error: Tensor | None = None
 
     def take(self) -> Tensor:
         if self.rebuilt is None:
@@ -261,8 +263,9 @@ class _InvertibleStep(torch.autograd.Function):
         # The parameters are not saved (they are the module's, and saved-tensor hooks such as CPU
         # offloading would copy them every step); their versions stand in for autograd's check.
         ctx.versions = tuple(p._version for p in params)
-        if is_last:
-            ctx.save_for_backward(y)
+        # The run's exact input (the squeeze's output: about one step's input, O(1) in K) is kept to
+        # measure how far the rebuild drifted; the last step keeps the exact output it starts from.
+        ctx.save_for_backward(*((x,) if is_first else ()), *((y,) if is_last else ()))
         return y, log_det
 
     @staticmethod
@@ -273,7 +276,8 @@ class _InvertibleStep(torch.autograd.Function):
                 "invertible flow step: a parameter was modified in place between forward and backward "
                 "(an optimizer step before backward?); its gradient would be computed at the new value"
             )
-        y = ctx.saved_tensors[0] if ctx.is_last else ctx.tape.take()
+        saved = ctx.saved_tensors
+        y = saved[-1] if ctx.is_last else ctx.tape.take()
         wanted = {id(p) for p, need in zip(params, ctx.needs_input_grad[5:], strict=True) if need}
         param_grads: dict[int, Tensor] = {}
         layers = leaf_layers(ctx.step)
@@ -281,26 +285,31 @@ class _InvertibleStep(torch.autograd.Function):
             for i in reversed(range(len(layers))):
                 need_x = i > 0 or ctx.needs_input_grad[4]
                 y, grad_y = _layer_vjp(layers[i], y, grad_y, grad_ld, ctx.amp, need_x, param_grads, wanted)
-        if not ctx.is_first:
+        if ctx.is_first:
+            ctx.tape.error = (y.detach().to(saved[0].dtype) - saved[0]).abs().max()
+        else:
             ctx.tape.rebuilt = y.to(ctx.x_dtype)
         if grad_y is not None:
             grad_y = grad_y.to(ctx.x_dtype)
         return (None, None, None, None, grad_y, *(param_grads.get(id(p)) for p in params))
 
 
-def invertible_forward(layers: list[nn.Module], x: Tensor) -> tuple[Tensor, Tensor]:
+def invertible_forward(layers: list[nn.Module], x: Tensor, tapes: list[_Tape]) -> tuple[Tensor, Tensor]:
     """Compose's forward over ``layers`` with every layer that has parameters under
-    ``_InvertibleStep``; parameter-free layers (the squeeze: a view, nothing kept) run plainly."""
+    ``_InvertibleStep``; parameter-free layers (the squeeze: a view, nothing kept) run plainly.
+    ``tapes`` receives one tape per run of consecutive steps (their ``error`` is filled by backward)."""
     log_det = x.new_zeros(x.shape[0])
     has_params = [any(True for _ in layer.parameters()) for layer in layers]
     tape = _Tape()
     for i, layer in enumerate(layers):
         if not has_params[i]:
             x, ld = layer(x)
-            tape = _Tape()  # a run of invertible steps ends here
         else:
             is_first = i == 0 or not has_params[i - 1]
             is_last = i == len(layers) - 1 or not has_params[i + 1]
+            if is_first:  # a run of invertible steps starts here
+                tape = _Tape()
+                tapes.append(tape)
             x, ld = _InvertibleStep.apply(layer, tape, is_first, is_last, x, *layer.parameters())
         log_det = log_det + ld
     return x, log_det
@@ -315,6 +324,16 @@ class FlowLevel(Compose):
     def __init__(self, *layers: Bijection, memory: str = "standard") -> None:
         super().__init__(*layers)
         self.memory = memory
+        self._tapes: list[_Tape] = []
+
+    def rebuild_error(self) -> Tensor | None:
+        """After an invertible-mode backward: max |x - x_rebuilt| over the level's input (after the
+        squeeze), i.e. how far the last backward's rebuild had drifted by the time it reached the
+        level's first step (0-dim tensor); None before one, or in the other modes."""
+        errors = [tape.error for tape in self._tapes if tape.error is not None]
+        if self._memory != "invertible" or not errors:
+            return None
+        return torch.stack(errors).max()
 
     @property
     def memory(self) -> str:
@@ -330,7 +349,8 @@ class FlowLevel(Compose):
         if self._memory == "standard" or not torch.is_grad_enabled():
             return super().forward(x)
         if self._memory == "invertible":
-            return invertible_forward(list(self.layers), x)
+            self._tapes = []
+            return invertible_forward(list(self.layers), x, self._tapes)
         # checkpoint: recompute the level in backward from its input, with its hooks suppressed.
         return checkpoint(
             functools.partial(Compose.forward, self),

@@ -143,6 +143,18 @@ class FlowModel(nn.Module):
             split.strategy.bind(level)
             split.strategy.advance(step)
 
+    def memory_diagnostics(self) -> dict[str, float]:
+        """In invertible memory, after a backward: ``{"level<i>/rebuild_error": max |x - x_rebuilt|}``
+        over each level's input, the drift of the inverses that backward evaluated the gradients at
+        (docs/model.md, "Memory modes", says what is large); empty in the other modes. Reads device
+        values: call it when logging, not every step."""
+        out = {}
+        for i, level in enumerate(self.levels):
+            error = level.rebuild_error()
+            if error is not None:
+                out[f"level{i}/rebuild_error"] = float(error)
+        return out
+
     def split_diagnostics(self) -> dict[str, float]:
         """Each split strategy's diagnostics as ``{"split<i>/<name>": value}`` (empty for none)."""
         return {
