@@ -9,8 +9,9 @@ whose ``memory`` attribute picks what a training forward keeps:
 - ``standard``: plain autograd, every step's activations (O(K) per level).
 - ``invertible``: each step runs under ``_InvertibleStep``, a custom ``torch.autograd.Function`` that
   takes the step's parameters as explicit inputs (so DDP's gradient hooks fire as usual) and keeps
-  only the level's output (and its squeezed input, to measure the rebuild's drift). Backward walks the steps in reverse; a shared ``_Tape`` hands each step the
-  input the step after it has rebuilt. Kept for backward per level: its output (O(1) in K); during
+  only the level's output (and its squeezed input, to measure the rebuild's drift). Backward walks
+  the steps in reverse; a shared ``_Tape`` hands each step the input the step after it has rebuilt.
+  Kept for backward per level: its output (O(1) in K); during
   backward, one step's recomputation at a time.
 - ``checkpoint``: ``torch.utils.checkpoint`` around the whole level: keeps the level's input and
   recomputes the K steps from it in backward (peak about one level's activations instead of all L).
