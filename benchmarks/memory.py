@@ -21,13 +21,20 @@ from collections.abc import Callable
 import torch
 
 
-def saved_for_backward_mib(loss_fn: Callable[[], torch.Tensor]) -> float:
-    """Runs ``loss_fn()`` under autograd's saved-tensor hooks, then its backward; MiB kept between."""
+def saved_for_backward_mib(
+    loss_fn: Callable[[], torch.Tensor], *, exclude_parameters_of: torch.nn.Module | None = None
+) -> float:
+    """Runs ``loss_fn()`` under autograd's saved-tensor hooks, then its backward; MiB kept between.
+    ``exclude_parameters_of``: leave out that module's parameter storages (they exist anyway)."""
+    params = set()
+    if exclude_parameters_of is not None:
+        params = {p.untyped_storage().data_ptr() for p in exclude_parameters_of.parameters()}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -111,19 +111,7 @@ def make(args: argparse.Namespace, mode: str, steps: int):
 
 def activations_mib(model: torch.nn.Module, loss_fn) -> float:
     """Like ``saved_for_backward_mib`` but without the parameters' storages (they exist anyway)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn()
-    loss.backward()
-    return sum(storages.values()) / 2**20
+    return saved_for_backward_mib(loss_fn, exclude_parameters_of=model)
 
 
 def sync(device: str) -> None:
