@@ -1,4 +1,8 @@
-"""The Glow-style multi-scale flow and its public API (docs/model.md has the math).
+"""The multi-scale flow and its public API (docs/model.md has the math).
+
+Two bases share this assembly, the split strategies, the priors and the dequantization: Glow (below)
+and DenseFlow (``base: denseflow``, flows/denseflow/levels.py: invertible dense blocks with
+cross-unit noise, whose log-density enters ``log_det``, making ``log_prob`` a one-draw bound).
 
 Architecture (Glow, Kingma & Dhariwal 2018, fig. 2): for each of L levels, squeeze, then K steps of
 [ActNorm, invertible 1x1 conv, coupling], then (except at the top) a split that factors half of the
@@ -21,6 +25,8 @@ from flows.actnorm import ActNorm
 from flows.bijection import Bijection, Compose, standard_normal_log_prob
 from flows.config import FlowConfig
 from flows.coupling import AdditiveCoupling, AffineCoupling
+from flows.denseflow.levels import build_dense_levels
+from flows.dequantization import VariationalDequantizer
 from flows.invconv import InvConv1x1
 from flows.invertible import FlowLevel
 from flows.split import LearnedTopPrior, Split
@@ -29,6 +35,7 @@ from flows.strategies import build_split_strategy
 from flows.strategies.base import kept_share
 
 STRATEGY_SEED_OFFSET = 7919  # a prime: strategy seeds never collide with nearby init_seeds
+DEQUANTIZER_SEED_OFFSET = 104729  # the 10,000th prime, past every strategy seed of a sane depth
 
 
 def flow_step(num_channels: int, cfg: FlowConfig, generator: torch.Generator) -> Compose:
@@ -60,10 +67,20 @@ class FlowModel(nn.Module):
         self.levels = nn.ModuleList()
         self.splits = nn.ModuleList()
         self.latent_shapes: list[tuple[int, int, int]] = []
+        if cfg.base == "denseflow":
+            levels, level_channels = build_dense_levels(cfg, generator)
         for level in range(cfg.num_levels):
-            c, h, w = 4 * c, h // 2, w // 2
-            steps = [flow_step(c, cfg, generator) for _ in range(cfg.num_steps)]
-            self.levels.append(FlowLevel(Squeeze(), *steps, memory=cfg.memory))
+            if cfg.base == "glow":
+                c, h, w = 4 * c, h // 2, w // 2
+                steps = [flow_step(c, cfg, generator) for _ in range(cfg.num_steps)]
+                self.levels.append(FlowLevel(Squeeze(), *steps, memory=cfg.memory))
+            else:
+                if level == 0:  # DenseFlow's initial squeeze
+                    h, w = h // 2, w // 2
+                if level < cfg.num_levels - 1:  # the level ends in the next transition's squeeze
+                    h, w = h // 2, w // 2
+                c = level_channels[level]
+                self.levels.append(levels[level])
             if level < cfg.num_levels - 1:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(cfg.init_seed + STRATEGY_SEED_OFFSET * (level + 1))
@@ -74,6 +91,14 @@ class FlowModel(nn.Module):
                 c = split.num_keep
         self.top_prior: Bijection | None = LearnedTopPrior(c) if cfg.learn_top_prior else None
         self.latent_shapes.append((c, h, w))
+        self.dequantizer: nn.Module | None = None
+        if cfg.dequantization == "variational":
+            # Its own seed: the flow's weights stay the same with either dequantization (paired runs).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.init_seed + DEQUANTIZER_SEED_OFFSET)
+                self.dequantizer = VariationalDequantizer(
+                    cfg.image_shape, n_bits=cfg.n_bits, cfg=cfg.dequantizer
+                )
 
     @property
     def num_dims(self) -> int:
@@ -188,35 +213,78 @@ class FlowModel(nn.Module):
                 f"got {tuple(x_uint8.shape)}"
             )
 
-    def dequantize(self, x_uint8: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-        """Uniform dequantization: uint8 (B, C, H, W) -> float in [-0.5, 0.5).
+    def dequantize_with_log_q(
+        self, x_uint8: Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """uint8 (B, C, H, W) -> (x (B, C, H, W) in model space [-0.5, 0.5), log q(u | x) (B,)).
 
         Pixels are first reduced to ``n_bits`` (Glow's n_bits_x), k = x >> (8 - n_bits), then
-        x = (k + u) / 2**n_bits - 0.5 with u ~ U[0, 1). The float dtype is the parameters' dtype.
+        x = (k + u) / 2**n_bits - 0.5 with u ~ U[0, 1) (``dequantization: uniform``, log q = 0) or
+        u ~ q(u | k) (``variational``: flows/dequantization.py). The float dtype is the parameters'.
+        ``generator`` seeds uniform noise only.
         """
         self._check_uint8(x_uint8, "dequantize")
         dtype = next(self.parameters()).dtype
         k = torch.div(x_uint8, 2 ** (8 - self.cfg.n_bits), rounding_mode="floor").to(dtype)
-        u = torch.rand(k.shape, generator=generator, dtype=dtype, device="cpu" if generator else k.device)
-        return (k + u.to(k.device)) / 2**self.cfg.n_bits - 0.5
+        if self.dequantizer is None:
+            u = torch.rand(k.shape, generator=generator, dtype=dtype, device="cpu" if generator else k.device)
+            u, log_q = u.to(k.device), k.new_zeros(k.shape[0])
+        else:
+            u, log_q = self.dequantizer(k)
+        return (k + u) / 2**self.cfg.n_bits - 0.5, log_q
+
+    def dequantize(self, x_uint8: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """uint8 (B, C, H, W) -> x in model space [-0.5, 0.5) (``dequantize_with_log_q`` without log q)."""
+        return self.dequantize_with_log_q(x_uint8, generator=generator)[0]
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """Continuous log-density of x in model space, (B, C, H, W) -> (B,)."""
+        """Continuous log-density of x in model space, (B, C, H, W) -> (B,). With base "denseflow" it
+        is one draw of log p(x, eta) - log q(eta | x), a stochastic lower bound (its noise)."""
         zs, log_det = self.encode(x)
         return sum(standard_normal_log_prob(z) for z in zs) + log_det
 
-    def bits_per_dim(self, x_uint8: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-        """Dequantized negative log-likelihood in bits per dimension, uint8 (B, C, H, W) -> (B,).
+    def log_weights(self, x_uint8: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """One importance weight per image, log p(x_discrete) >= E[log w], uint8 (B, C, H, W) -> (B,) nats.
 
-        -log p(x_discrete) <= -log p(x + u) + D log(2**n_bits) (Theis et al. 2016); the
-        D log(2**n_bits) term converts the density on [-0.5, 0.5) to one on the integer grid.
+        log w = log p(x + u, eta) - log q(eta | x + u) - log q(u | x) - D log(2**n_bits): the
+        dequantization bound (Theis et al. 2016; Flow++ for q(u | x)), with DenseFlow's augmentation
+        noise eta. Every term but log p is 0 for a Glow base with uniform dequantization.
+        """
+        x, log_q_u = self.dequantize_with_log_q(x_uint8, generator=generator)
+        return self.log_prob(x) - log_q_u - self.num_dims * self.cfg.n_bits * math.log(2.0)
+
+    def bits_per_dim(self, x_uint8: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """The negative ELBO of each image in bits per dimension, uint8 (B, C, H, W) -> (B,):
+        -log w / (D log 2) for one draw of the noise (``log_weights``). For a Glow base with uniform
+        dequantization that is the usual dequantized NLL, -log p(x + u) + D log(2**n_bits).
         Differentiable: the training loss is its mean.
         """
         self._check_uint8(x_uint8, "bits_per_dim")
-        x = self.dequantize(x_uint8, generator=generator)
-        d = self.num_dims
-        nll = -self.log_prob(x) + d * self.cfg.n_bits * math.log(2.0)
-        return nll / (d * math.log(2.0))
+        return -self.log_weights(x_uint8, generator=generator) / (self.num_dims * math.log(2.0))
+
+    @torch.no_grad()
+    def iwbo_bits_per_dim(
+        self, x_uint8: Tensor, num_samples: int, *, chunk_size: int | None = None
+    ) -> Tensor:
+        """The importance-weighted bound (IWBO, Burda et al. 2016) in bits per dimension, (B,):
+        -(logsumexp_k log w_k - log K) / (D log 2) over K = ``num_samples`` draws of the noise
+        (dequantization and augmentation). It is >= the true NLL, <= the ELBO on average, and tightens
+        as K grows. ``chunk_size`` images x draws go through the model at once (default: B, one draw
+        per forward). Call in eval mode (``model.eval()``): BatchNorm and split statistics would
+        otherwise depend on the repeated batch.
+        """
+        self._check_uint8(x_uint8, "iwbo_bits_per_dim")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"iwbo_bits_per_dim: num_samples must be an integer >= 1, got {num_samples!r}")
+        batch = x_uint8.shape[0]
+        draws_per_pass = max(1, (chunk_size or batch) // batch)
+        log_w = []
+        for start in range(0, num_samples, draws_per_pass):
+            draws = min(draws_per_pass, num_samples - start)
+            log_w.append(self.log_weights(x_uint8.repeat(draws, 1, 1, 1)).view(draws, batch))
+        log_w_all = torch.cat(log_w, dim=0).to(torch.float64)  # (K, B); logsumexp of K terms in float64
+        bound = torch.logsumexp(log_w_all, dim=0) - math.log(num_samples)
+        return (-bound / (self.num_dims * math.log(2.0))).to(log_w[0].dtype)
 
     def regularization(self) -> Tensor:
         """Sum of the split strategies' regularisers from the last forward pass (0 for static splits)."""

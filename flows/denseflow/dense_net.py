@@ -54,7 +54,13 @@ class DenseBlock(nn.Sequential):
     """``depth`` dense layers, then a (gated) 1x1 conv: (B, C_in, H, W) -> (B, C_out, H, W)."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, *, depth: int, growth: int, gated: bool = True,
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        depth: int,
+        growth: int,
+        gated: bool = True,
         zero_init: bool = False,
     ) -> None:
         layers: list[nn.Module] = [DenseLayer(in_channels + i * growth, growth) for i in range(depth)]
@@ -104,7 +110,13 @@ class DenseNet(nn.Module):
     ``DenseNet``, used by the dequantizer): (B, C_in, H, W) -> (B, C_out, H, W), zero at init."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, *, mid_channels: int, depth: int, growth: int,
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        mid_channels: int,
+        depth: int,
+        growth: int,
         num_blocks: int = 1,
     ) -> None:
         super().__init__()
@@ -124,7 +136,13 @@ class DenseNetMultihead(nn.Module):
     the coupling network ``DNMH``): (B, C_in, H, W) -> (B, C_out, H, W), zero at init."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, *, mid_channels: int, depth: int, growth: int,
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        mid_channels: int,
+        depth: int,
+        growth: int,
         num_landmarks: int,
     ) -> None:
         super().__init__()

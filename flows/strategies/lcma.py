@@ -76,6 +76,9 @@ class LCMASplit(FreezableStrategy):
             return
         assert not self._bound_to, "an LCMA split measures exactly one level"
         self._bound_to.append(level)
+        level.register_forward_pre_hook(self._start_level)
+        if not getattr(level, "log_det_by_channel", True):
+            return  # e.g. a DenseFlow level: its channels are not the split input's (log-prior only)
         for module in level.modules():
             if isinstance(module, ActNorm):
                 self._actnorms.append(module)
@@ -84,7 +87,6 @@ class LCMASplit(FreezableStrategy):
             elif isinstance(module, AffineCoupling):
                 self._couplings.append(module)
                 module.net.register_forward_hook(self._record_coupling)
-        level.register_forward_pre_hook(self._start_level)
 
     @property
     def is_bound(self) -> bool:
