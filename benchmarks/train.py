@@ -1,20 +1,31 @@
-"""Training throughput of the plain loop against the Ray Train adapter with one worker, in one run.
+"""Training step cost of the plain loop against the Ray Train adapter, interleaved in one run.
 
-    python benchmarks/train.py [--config configs/sample.yaml] [--steps 30] [--rounds 3] [--threads N]
+    python benchmarks/train.py [--config configs/sample.yaml] [--steps 10] [--rounds 8] [--threads N]
 
-Both paths run ``pipeline.step.train_step`` (forward, bits/dim + sigma * regularizer, backward,
-grad clipping, the cross-rank non-finite check, Adam step) on the same model and the same batches
-(fixed synthetic uint8 images: throughput does not depend on pixel values). The plain path runs in
-this process; the Ray path runs the identical code in one ``TorchTrainer`` worker through
-``RayRuntime``. Both get the same device and the same number of torch threads (on CPU), and each
-measures per-step wall and process-CPU times after a warm-up. Plain rounds run before and after the
-Ray rounds so that drifting machine load hits both; the table reports medians. The overhead is
-judged on wall time on a GPU and on process CPU time per step on a CPU (robust to a shared machine);
-the training thread's own CPU time separates the step itself from Ray's background threads.
+Every arm runs ``pipeline.step.train_step`` (forward, bits/dim + sigma * regularizer, backward, grad
+clipping, the cross-rank non-finite check, Adam step) on the same model and the same batches (fixed
+synthetic uint8 images: throughput does not depend on pixel values), each in its own process with the
+same number of torch threads (on CPU):
+
+- ``plain``: the plain loop in a subprocess that never imports Ray (the process ``--no-ray`` runs);
+- ``ray``: one Ray Train worker (``TorchTrainer``, ``RayRuntime``) as the adapter starts it now
+  (``pipeline.ray_adapter.RAY_SYSTEM_CONFIG``: workers at niceness 0);
+- ``ray, before``: one Ray Train worker as the adapter started it before (Ray's default worker
+  niceness, 15: the worker renices itself, which is what the raylet does by default).
+
+The two Ray workers are the two ranks of one ``TorchTrainer`` (each trains alone, world size 1, as
+``ray.num_workers=1`` does; no DDP). After warm-up the arms take turns: in each round every arm runs
+``--steps`` steps while the others wait (the order rotates from round to round), so that the load of a
+shared machine hits all arms alike; each round gives the ratio of an arm's median step to the plain
+arm's in the same round, and the table shows the median ratio and its range over the rounds. On a
+CPU the overhead is judged on process CPU time per step (wall time on a shared machine is mostly the
+scheduler's choice, and there Ray's niceness shows most), on a GPU on wall time. The CPU that Ray's
+other processes (raylet, GCS, Train controller, the driver) use while an arm runs is reported per
+step in its own column: it is not in any arm's process time.
 
 Needs only torch and pydantic (and flows/pipeline from this repo): without an importable ``ray`` the
-Ray half is skipped with a message, so it runs on a GPU box that has nothing else. ``--config`` needs PyYAML;
-without it the model is the sample config's (3 levels x 4 steps, 64 hidden, batch 32, 32x32).
+Ray arms are skipped with a message, so it runs on a GPU box that has nothing else. ``--config`` needs
+PyYAML; without it the model is the sample config's (3 levels x 4 steps, 64 hidden, batch 32, 32x32).
 """
 
 from __future__ import annotations
@@ -23,14 +34,16 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 if __name__ == "__main__" and "OMP_NUM_THREADS" not in os.environ:
-    # Ray starts its workers with OMP_NUM_THREADS set to their CPU count; give this process (the plain
-    # half) the same OpenMP start-up, or the comparison measures OpenMP's idle threads, not Ray.
+    # Ray starts its workers with OMP_NUM_THREADS set to their CPU count; give this process (and the
+    # plain arm) the same OpenMP start-up, or the comparison measures OpenMP's idle threads, not Ray.
     _pre = argparse.ArgumentParser(add_help=False)
     _pre.add_argument("--threads", type=int, default=1)
     os.environ["OMP_NUM_THREADS"] = str(max(1, _pre.parse_known_args()[0].threads))
@@ -44,6 +57,10 @@ from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm  # noq
 from pipeline.config import DEFAULT_SPLIT_STRATEGY, DataConfig, RunConfig, TrainConfig  # noqa: E402
 from pipeline.runtime import Runtime  # noqa: E402
 from pipeline.step import TrainingObjective, lr_factor, make_optimizer, train_step  # noqa: E402
+
+PLAIN, RAY, RAY_BEFORE = "plain", "ray", "ray, before"
+RAY_DEFAULT_NICENESS = 15  # Ray's worker_niceness default (src/ray/common/ray_config_def.h)
+POLL_S = 0.01
 
 
 class PlainRuntime(Runtime):
@@ -67,29 +84,61 @@ def make_batches(cfg: TrainConfig, device: torch.device, count: int = 4) -> list
     return [torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(device) for _ in range(count)]
 
 
-def time_steps(
-    cfg: TrainConfig, runtime: Runtime, *, steps: int, rounds: int, warmup: int
-) -> dict[str, list[float]]:
-    """Per-step wall and process-CPU seconds of ``train_step`` for ``rounds`` x ``steps`` steps after
-    ``warmup`` steps."""
-    torch.manual_seed(0)
-    device = runtime.device
-    flow = build_flow(cfg.model).to(device)
-    batches = make_batches(cfg, device)
-    initialize_actnorm(flow, batches[0])
-    objective = runtime.wrap(TrainingObjective(flow))
-    optimizer = make_optimizer(flow.parameters(), cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
-    times: dict[str, list[float]] = {"wall": [], "cpu": [], "thread": []}
-    for i in range(warmup + rounds * steps):
-        flow.advance(i)
-        start, start_cpu, start_thread = time.perf_counter(), time.process_time(), time.thread_time()
-        train_step(objective, batches[i % len(batches)], optimizer, scheduler, cfg=cfg, runtime=runtime)
-        if i >= warmup:  # train_step reads its results back, so the device is synchronised here
+class Trainer:
+    """One arm's model, optimizer and step counter; ``run(n)`` times ``n`` steps."""
+
+    def __init__(self, cfg: TrainConfig, runtime: Runtime) -> None:
+        torch.manual_seed(0)
+        self.cfg, self.runtime, self.step = cfg, runtime, 0
+        self.flow = build_flow(cfg.model).to(runtime.device)
+        self.batches = make_batches(cfg, runtime.device)
+        initialize_actnorm(self.flow, self.batches[0])
+        self.objective = runtime.wrap(TrainingObjective(self.flow))
+        self.optimizer = make_optimizer(self.flow.parameters(), cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg))
+
+    def run(self, steps: int) -> dict[str, list[float]]:
+        """Per-step wall, process-CPU and this thread's CPU seconds of ``steps`` steps."""
+        times: dict[str, list[float]] = {"wall": [], "cpu": [], "thread": []}
+        for _ in range(steps):
+            self.flow.advance(self.step)
+            start, start_cpu, start_thread = time.perf_counter(), time.process_time(), time.thread_time()
+            batch = self.batches[self.step % len(self.batches)]
+            train_step(self.objective, batch, self.optimizer, self.scheduler, cfg=self.cfg,
+                       runtime=self.runtime)  # fmt: skip
+            # train_step reads its results back, so the device is synchronised here
             times["wall"].append(time.perf_counter() - start)
             times["cpu"].append(time.process_time() - start_cpu)
             times["thread"].append(time.thread_time() - start_thread)
-    return times
+            self.step += 1
+        return times
+
+
+def _wait_for(path: Path, timeout_s: float = 1800.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout_s:.0f} s")
+        time.sleep(POLL_S)
+
+
+def _write(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def serve_arm(name: str, cfg: TrainConfig, runtime: Runtime, sync: Path, *, warmup: int, steps: int,
+              rounds: int) -> None:  # fmt: skip
+    """Warm up, say ready, then run ``steps`` timed steps whenever the orchestrator says go."""
+    trainer = Trainer(cfg, runtime)
+    trainer.run(warmup)
+    info = {"pid": os.getpid(), "niceness": os.nice(0), "threads": torch.get_num_threads(),
+            "thread": threading.current_thread().name}  # fmt: skip
+    _write(sync / f"ready-{name}.json", info)
+    for r in range(rounds):
+        _wait_for(sync / f"go-{name}-{r}")
+        _write(sync / f"done-{name}-{r}.json", trainer.run(steps))
 
 
 def _ray_worker(config: dict) -> None:
@@ -97,51 +146,86 @@ def _ray_worker(config: dict) -> None:
 
     from pipeline.ray_adapter import RayRuntime
 
-    cfg = config["cfg"]
+    cfg, rank = config["cfg"], ray.train.get_context().get_world_rank()
     if config["threads"]:
         torch.set_num_threads(config["threads"])
-    times = time_steps(cfg, RayRuntime(cfg), steps=config["steps"], rounds=config["rounds"],
-                       warmup=config["warmup"])  # fmt: skip
-    med = statistics.median
-    metrics = {"wall_s": med(times["wall"]), "cpu_s": med(times["cpu"]), "thread_s": med(times["thread"]),
-               "threads": torch.get_num_threads()}  # fmt: skip
-    # Ray keeps only the metrics that come with a checkpoint; this one holds them as JSON.
-    with tempfile.TemporaryDirectory() as d:
-        Path(d, "times.json").write_text(json.dumps(times))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    name = (RAY, RAY_BEFORE)[rank]
+    if name == RAY_BEFORE:
+        os.nice(RAY_DEFAULT_NICENESS - os.nice(0))  # what Ray's default worker_niceness does
+    runtime = RayRuntime(cfg)
+    runtime.rank, runtime.world_size = 0, 1  # each rank trains alone: ray.num_workers=1, no DDP
+    serve_arm(name, cfg, runtime, Path(config["sync"]), warmup=config["warmup"], steps=config["steps"],
+              rounds=config["rounds"])  # fmt: skip
 
 
-def time_ray(cfg: TrainConfig, args: argparse.Namespace, use_gpu: bool, tmp: Path) -> dict | None:
+def start_ray(
+    cfg: TrainConfig, args: argparse.Namespace, use_gpu: bool, sync: Path
+) -> threading.Thread | None:
+    """Ray with the adapter's settings, and a 2-worker ``TorchTrainer`` (one per Ray arm) in a thread."""
     try:
         import ray
         from ray.train import RunConfig as RayRunConfig
         from ray.train import ScalingConfig
         from ray.train.torch import TorchTrainer
+
+        from pipeline.ray_adapter import RAY_SYSTEM_CONFIG
     except ImportError as e:
-        print(f"ray is not importable ({e}); skipping the Ray adapter half")
+        print(f"ray is not importable ({e}); skipping the Ray arms")
         return None
-    ray.init(address="local", num_cpus=max(2, args.threads + 1), include_dashboard=False, log_to_driver=False)
-    try:
-        trainer = TorchTrainer(
-            _ray_worker,
-            train_loop_config={"cfg": cfg, "threads": args.threads if not use_gpu else 0,
-                               "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup},
-            scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": max(1, args.threads)}),
-            run_config=RayRunConfig(name="bench-train", storage_path=str(tmp)),
-        )  # fmt: skip
-        return dict(trainer.fit().metrics)
-    finally:
-        ray.shutdown()
+    cpus = max(1, args.threads)
+    ray.init(address="local", num_cpus=2 * cpus + 1, include_dashboard=False, log_to_driver=False,
+             _system_config=RAY_SYSTEM_CONFIG)  # fmt: skip
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"cfg": cfg, "threads": 0 if use_gpu else args.threads, "sync": str(sync),
+                           "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+        run_config=RayRunConfig(name="bench-train", storage_path=str(sync / "ray")),
+    )  # fmt: skip
+    errors: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - reported by the orchestrator
+            errors.append(e)
+            _write(sync / "ray-failed.json", {"error": repr(e)})
+
+    thread = threading.Thread(target=fit, name="ray-fit", daemon=True)
+    thread.start()
+    return thread
+
+
+class OtherCpu:
+    """CPU seconds of this process and its descendants other than the arms (Ray's own processes)."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        import psutil
+
+        self.psutil, self.exclude, self.seen = psutil, exclude, {}
+
+    def total(self) -> float:
+        me = self.psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            if p.pid in self.exclude:
+                continue
+            try:
+                t = p.cpu_times()
+            except self.psutil.Error:
+                continue  # gone: its last reading stays in self.seen
+            self.seen[p.pid] = t.user + t.system
+        return sum(self.seen.values())
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="experiment YAML (model and batch size); needs PyYAML")
-    parser.add_argument("--steps", type=int, default=30, help="measured steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per arm and round")
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in both paths (CPU only)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in every arm (CPU only)")
+    parser.add_argument("--no-ray", action="store_true", help="the plain arm only")
+    parser.add_argument("--arm-plain", metavar="SYNC_DIR", help=argparse.SUPPRESS)  # the plain subprocess
     parser.add_argument("overrides", nargs="*", help="config overrides section.key=value (with --config)")
     args = parser.parse_args()
 
@@ -150,49 +234,83 @@ def main() -> int:
     device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
     if not use_gpu:
         torch.set_num_threads(args.threads)
+    if args.arm_plain:
+        serve_arm(PLAIN, cfg, PlainRuntime(device), Path(args.arm_plain), warmup=args.warmup,
+                  steps=args.steps, rounds=args.rounds)  # fmt: skip
+        return 0
+
     m = cfg.model
     print(f"model {m.num_levels}x{m.num_steps} hidden {m.hidden_channels} split {m.split.strategy}, "
           f"batch {cfg.data.batch_size} x {m.image_shape}, device {device}"
-          + ("" if use_gpu else f", {args.threads} torch thread(s)"))  # fmt: skip
-
-    half = max(1, args.rounds // 2 + args.rounds % 2)
-    before = time_steps(cfg, PlainRuntime(device), steps=args.steps, rounds=half, warmup=args.warmup)
+          + ("" if use_gpu else f", {args.threads} torch thread(s) per arm")
+          + f", {args.rounds} rounds x {args.steps} steps per arm after {args.warmup} warm-up steps"
+          )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        ray_metrics = time_ray(cfg, args, use_gpu, Path(tmp))
-    after = time_steps(cfg, PlainRuntime(device), steps=args.steps, rounds=half, warmup=args.warmup)
+        sync = Path(tmp)
+        plain = subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--arm-plain", str(sync)])
+        ray_thread = None if args.no_ray else start_ray(cfg, args, use_gpu, sync)
+        arms = [PLAIN] + ([RAY, RAY_BEFORE] if ray_thread else [])
+        for arm in arms:
+            _wait_for(sync / f"ready-{arm}.json")
+            if (sync / "ray-failed.json").exists():
+                raise RuntimeError((sync / "ray-failed.json").read_text())
+        info = {arm: json.loads((sync / f"ready-{arm}.json").read_text()) for arm in arms}
+        other = OtherCpu({i["pid"] for i in info.values()})
+        results: dict[str, list[dict]] = {arm: [] for arm in arms}
+        other_cpu: dict[str, list[float]] = {arm: [] for arm in arms}
+        for r in range(args.rounds):
+            for k in range(len(arms)):
+                arm = arms[(r + k) % len(arms)]
+                before = other.total()
+                (sync / f"go-{arm}-{r}").touch()
+                _wait_for(sync / f"done-{arm}-{r}.json")
+                other_cpu[arm].append((other.total() - before) / args.steps)
+                results[arm].append(json.loads((sync / f"done-{arm}-{r}.json").read_text()))
+        plain.wait()
+        if ray_thread is not None:
+            ray_thread.join()
+            import ray
 
-    batch = cfg.data.batch_size
-    both = {k: before[k] + after[k] for k in before}
-    med = statistics.median
-    rows = [
-        ("plain loop, before the Ray half", med(before["wall"]), med(before["cpu"]), med(before["thread"])),
-        ("plain loop, after the Ray half", med(after["wall"]), med(after["cpu"]), med(after["thread"])),
-        ("plain loop (both)", med(both["wall"]), med(both["cpu"]), med(both["thread"])),
-    ]
-    if ray_metrics is not None:
-        name = f"Ray Train adapter, 1 worker ({ray_metrics['threads']} thread(s))"
-        rows.append((name, ray_metrics["wall_s"], ray_metrics["cpu_s"], ray_metrics["thread_s"]))
-    # On a GPU the step is bounded by the device: compare wall time. On a CPU, process CPU time per
-    # step is the measure that survives a shared, oversubscribed machine (wall time there is mostly
-    # the scheduler's choice of who runs).
-    key = 1 if use_gpu else 2
-    base = rows[2][key]
-    print("\n| path | step ms: wall | CPU, process | CPU, training thread | images/s (wall) | relative |")
-    print("|---|---|---|---|---|---|")
-    for name, wall, cpu, thread in rows:
-        rel = base / (wall, cpu)[key - 1]
-        ms = " | ".join(f"{v * 1e3:.1f}" for v in (wall, cpu, thread))
-        print(f"| {name} | {ms} | {batch / wall:.1f} | {rel:.3f} |")
-    if ray_metrics is not None:
-        overhead = rows[3][key] / base - 1.0
-        what = "wall" if use_gpu else "CPU"
-        print(f"\nRay adapter overhead: {overhead * 100:+.1f}% step {what} time (target <= 5%)")
-        if not use_gpu:
-            thread_overhead = rows[3][3] / rows[2][3] - 1.0
-            print(
-                f"training thread alone: {thread_overhead * 100:+.1f}% (the rest is Ray's background threads)"
-            )
+            ray.shutdown()
+
+    report(cfg, args, use_gpu, arms, info, results, other_cpu)
     return 0
+
+
+def report(cfg: TrainConfig, args: argparse.Namespace, use_gpu: bool, arms: list[str], info: dict,
+           results: dict[str, list[dict]], other_cpu: dict[str, list[float]]) -> None:  # fmt: skip
+    med = statistics.median
+    # On a GPU the step is bounded by the device: compare wall time. On a CPU, process CPU time per
+    # step is the measure that survives a shared, oversubscribed machine.
+    key = "wall" if use_gpu else "cpu"
+    per_round = {arm: [{k: med(v) for k, v in rnd.items()} for rnd in results[arm]] for arm in arms}
+    print(
+        "\n| path | niceness | step ms: wall | CPU, process | CPU, training thread | Ray's other processes,"
+        f" CPU ms per step | images/s (wall) | {key} vs plain: median [min, max] over rounds |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    overheads = {}
+    for arm in arms:
+        allsteps = {k: [t for rnd in results[arm] for t in rnd[k]] for k in ("wall", "cpu", "thread")}
+        wall, cpu, thread = (med(allsteps[k]) for k in ("wall", "cpu", "thread"))
+        ratios = [a[key] / p[key] for a, p in zip(per_round[arm], per_round[PLAIN], strict=True)]
+        overheads[arm] = ratios
+        label = arm if arm == PLAIN else f"{arm} (Ray Train worker, {info[arm]['threads']} thread(s))"
+        print(f"| {label} | {info[arm]['niceness']} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | "
+              f"{thread * 1e3:.1f} | "
+              f"{med(other_cpu[arm]) * 1e3:.1f} | {cfg.data.batch_size / wall:.1f} | "
+              f"{med(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] |")  # fmt: skip
+    for arm in arms[1:]:
+        r = overheads[arm]
+        print(
+            f"\n{arm}: {(med(r) - 1) * 100:+.1f}% step {key} time against the plain loop "
+            f"(rounds: {', '.join(f'{(x - 1) * 100:+.1f}' for x in r)}; target <= +5%)"
+        )
+        if not use_gpu:
+            pairs = zip(results[arm], results[PLAIN], strict=True)
+            thread = [med(a["thread"]) / med(p["thread"]) for a, p in pairs]
+            print(f"  training thread alone: {(med(thread) - 1) * 100:+.1f}% "
+                  f"[{(min(thread) - 1) * 100:+.1f}, {(max(thread) - 1) * 100:+.1f}]")  # fmt: skip
 
 
 if __name__ == "__main__":

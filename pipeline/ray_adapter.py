@@ -50,6 +50,13 @@ log = logging.getLogger(__name__)
 STAGING_PREFIX = "eiw-ckpt-"
 STAGING_NAME = re.compile(rf"^{STAGING_PREFIX}(?P<pid>[0-9]+)-[a-z0-9_]+$")
 
+# An embedded Ray starts its workers at niceness 0. Ray's default (worker_niceness 15) puts every
+# training worker below any other process on the machine: on a shared or oversubscribed host the
+# training step is preempted more often and runs slower, per step and in CPU time
+# (benchmarks/train.py, docs/benchmarks.md "Ray overhead"). On a cluster started with `ray start`
+# the same setting is the environment variable RAY_worker_niceness=0 of `ray start`.
+RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
+
 
 class RayRuntime(Runtime):
     """One Ray Train worker: rank and device from the train context, collectives over the process group."""
@@ -156,7 +163,7 @@ def ray_session(cfg: TrainConfig) -> Iterator[None]:
         ray.init(address=address)
     else:
         # "local": a fresh instance even if another `ray start` cluster runs on this machine.
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus or None)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or None, _system_config=RAY_SYSTEM_CONFIG)
     try:
         yield
     finally:
