@@ -11,6 +11,10 @@ rerun with the same seed sees the same images.
 Evaluation (`eval_loader`): no resampling, no shuffling; every test image is read exactly once
 across ranks (shards dealt to ranks round robin; with fewer shards than ranks, samples dealt by
 index). Reduce per-image sums across ranks, not means: ranks may get different batch counts.
+
+Object storage: a split given as a URI (``s3://bucket/prefix/train``) is read the same way, each
+shard streamed in read-ahead ranges through fsspec (data_prep/storage.py), never copied to local disk
+first; the shard lists, splitting, seeds and resampling are the same as for local files.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from PIL import Image
 from webdataset.utils import pytorch_worker_info
 
 from data_prep.manifest import read_manifest
+from data_prep.storage import RemotePath, as_path, open_binary
 
 __all__ = ["eval_loader", "read_manifest", "shard_urls", "train_loader"]
 
@@ -48,8 +53,9 @@ def _worker_context(num_workers: int):
 
 
 def shard_urls(split_dir: str | os.PathLike) -> list[str]:
-    """Absolute paths of the split's shards, in manifest order (ValueError if the manifest is bad)."""
-    root = Path(split_dir).resolve()
+    """Absolute paths or URIs of the shards, in manifest order (ValueError if the manifest is bad)."""
+    root = as_path(split_dir)
+    root = root if isinstance(root, RemotePath) else Path(root).resolve()
     return [str(root / s["name"]) for s in read_manifest(root)["shards"]]
 
 
@@ -97,7 +103,7 @@ def _tar_samples(src: Iterator[dict]) -> Iterator[dict]:
     """
     for item in src:
         url = item["url"]
-        with open(url, "rb", buffering=1 << 20) as f:
+        with open_binary(url) as f:
             sample: dict | None = None
             while True:
                 header = f.read(_BLOCK)

@@ -5,7 +5,8 @@ only when every shard is done) and, while a conversion is under way or was inter
 `progress.json` (the shards finished so far). Only a manifest with `"complete": true` makes a split
 usable; readers must never trust `*.tar` files without it.
 
-Standard library only: the loader imports this module too.
+Standard library only (fsspec, lazily, for object-storage URIs): the loader imports this module too.
+`read_manifest` and `load_json` take local paths and URIs (`s3://bucket/prefix/train`) alike.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import re
 import shlex
 from pathlib import Path
 from typing import Any
+
+from data_prep.storage import as_path
 
 MANIFEST_NAME = "manifest.json"
 PROGRESS_NAME = "progress.json"
@@ -58,7 +61,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def load_json(path: Path) -> dict:
     """Parse a JSON object; ValueError naming the file when it is missing, unreadable or not an object."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = as_path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except OSError as exc:
@@ -79,9 +82,10 @@ def read_manifest(split_dir: str | os.PathLike) -> dict:
     resume, when `progress.json` shows an unfinished conversion), not JSON, lacks a required key,
     holds a value of the wrong type, is not marked complete, or its shard list does not add up.
     """
-    path = Path(split_dir) / MANIFEST_NAME
-    if not path.exists() and (Path(split_dir) / PROGRESS_NAME).exists():
-        raise ValueError(unfinished_conversion(Path(split_dir)))
+    split = as_path(split_dir)
+    path = split / MANIFEST_NAME
+    if not path.exists() and (split / PROGRESS_NAME).exists():
+        raise ValueError(unfinished_conversion(split))
     m = load_json(path)
     missing = [k for k in REQUIRED_KEYS if k not in m]
     if missing:

@@ -14,6 +14,17 @@ Recovery: ``read_newest_intact`` walks a run's checkpoints newest first and skip
 whose ``state.pt`` is missing, empty, truncated or otherwise unreadable. Staging directories carry
 their writer's host and pid in their name (``.tmp-checkpoint_<step>.<host>.<pid>``), so the next
 writer or resume removes those of writers that are gone (``dead_staging``); nothing else is touched.
+
+Object storage (``run.root: s3://bucket/prefix``; data_prep/storage.py): there is no rename, but an
+object appears whole or not at all. ``ObjectCheckpoints`` stages a checkpoint in a local temporary
+directory, uploads its other files first and ``state.pt`` last: ``state.pt`` is the commit point
+(``list_checkpoints`` only counts directories holding one), so a writer killed mid-upload leaves no
+checkpoint that looks complete. Retention deletes ``state.pt`` first for the same reason.
+
+Off the critical path: ``CheckpointWriter`` runs each write (serialise, upload, commit) in a background
+thread, at most one in flight; the caller hands it a CPU copy of the state (``cpu_copy``, taken
+synchronously, so training may change its tensors at once) and ``flush`` waits for the write in flight
+(before the next one, at the end of a run) and re-raises its error.
 """
 
 from __future__ import annotations
@@ -25,13 +36,17 @@ import random
 import re
 import shutil
 import socket
+import tempfile
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from data_prep.storage import RemotePath, as_path
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +85,11 @@ def checkpoint_order(name: str) -> tuple[int, int]:
     return int(m["step"]), int(m["again"] or 0)
 
 
-def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """The run's checkpoint directories (ours by name, holding a ``state.pt``), oldest first."""
-    d = Path(directory)
+def list_checkpoints(directory: str | os.PathLike | RemotePath) -> list[Path]:
+    """The run's checkpoint directories (ours by name, holding a ``state.pt``), oldest first.
+
+    ``directory`` may be an object-storage URI; then the entries are ``RemotePath``s."""
+    d = as_path(directory)
     if not d.is_dir():
         return []
     found = [p for p in d.iterdir() if CHECKPOINT_NAME.match(p.name) and (p / STATE_FILE).is_file()]
@@ -122,10 +139,13 @@ def read_checkpoint(
     a plain ValueError for a checkpoint of another format version. ``mmap``: map the tensors instead of
     reading them (enough to look at the config).
     """
-    path = Path(directory) / STATE_FILE
+    path = as_path(directory) / STATE_FILE
     if not path.is_file():
         raise CorruptCheckpointError(f"{directory}: not a checkpoint (no {STATE_FILE})")
+    size = -1
     try:
+        if isinstance(path, RemotePath):
+            return _read_remote(path, map_location=map_location)
         size = path.stat().st_size
         if size == 0:
             raise CorruptCheckpointError(f"{path}: unreadable checkpoint (empty file)")
@@ -138,6 +158,10 @@ def read_checkpoint(
         raise CorruptCheckpointError(
             f"{path}: unreadable checkpoint ({type(e).__name__}: {reason}; {size} bytes)"
         ) from e
+    return _checked(state, path)
+
+
+def _checked(state: Any, path: Path | RemotePath) -> dict:
     if not isinstance(state, dict):
         raise CorruptCheckpointError(f"{path}: unreadable checkpoint (holds a {type(state).__name__})")
     if state.get("format") != FORMAT_VERSION:
@@ -145,11 +169,30 @@ def read_checkpoint(
     return state
 
 
+def _read_remote(path: RemotePath, *, map_location: str | torch.device) -> dict:
+    """Download ``state.pt`` to a local temporary file and load it from there (torch.load reads a
+    zip archive at random offsets: many small ranged GETs if it read the object directly)."""
+    with tempfile.TemporaryDirectory(prefix="eiw-ckpt-read-") as tmp:
+        local = Path(tmp) / STATE_FILE
+        path.download_to(local)
+        size = local.stat().st_size
+        if size == 0:
+            raise CorruptCheckpointError(f"{path}: unreadable checkpoint (empty file)")
+        try:
+            state = torch.load(local, map_location=map_location, weights_only=True)
+        except Exception as e:
+            reason = " ".join(str(e).split()).split(". ")[0][:200]
+            raise CorruptCheckpointError(
+                f"{path}: unreadable checkpoint ({type(e).__name__}: {reason}; {size} bytes)"
+            ) from e
+    return _checked(state, path)
+
+
 @dataclass
 class FoundCheckpoint:
     """The checkpoint a resume uses, and the newer ones it had to pass over ("path: reason" each)."""
 
-    directory: Path
+    directory: Path | RemotePath
     state: dict
     unreadable: list[str] = field(default_factory=list)
 
@@ -172,12 +215,12 @@ def read_newest_intact(
             missing = [k for k in RESUME_KEYS if k not in state]
             if missing:
                 raise CorruptCheckpointError(
-                    f"{Path(directory) / STATE_FILE}: incomplete checkpoint (no {', '.join(missing)})"
+                    f"{as_path(directory) / STATE_FILE}: incomplete checkpoint (no {', '.join(missing)})"
                 )
         except CorruptCheckpointError as e:
             unreadable.append(str(e))
             continue
-        return FoundCheckpoint(Path(directory), state, unreadable)
+        return FoundCheckpoint(as_path(directory), state, unreadable)
     if unreadable:
         raise ValueError(
             f"no intact checkpoint to resume from: {'; '.join(unreadable)}. Move these checkpoint "
@@ -314,3 +357,122 @@ class LocalCheckpoints:
         for old in self.all()[: -self.num_to_keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+
+# ------------------------------------------------------------------ checkpoints in object storage
+# Local staging directories of ObjectCheckpoints (and of the Ray adapter): eiw-ckpt-<pid>-<random>.
+OBJECT_STAGING_PREFIX = "eiw-ckpt-"
+OBJECT_STAGING_NAME = re.compile(rf"^{OBJECT_STAGING_PREFIX}(?P<pid>[0-9]+)-[a-z0-9_]+$")
+
+
+class ObjectCheckpoints:
+    """``LocalCheckpoints`` for a run folder in object storage (``s3://bucket/prefix/checkpoints/<run>``).
+
+    ``staging`` is a local temporary directory; ``commit`` uploads its files with ``state.pt`` last,
+    the object whose presence makes the checkpoint (module doc). Re-reaching a step overwrites its
+    objects; the old ``state.pt`` stays readable until the new one's upload completes.
+    """
+
+    def __init__(self, directory: str | RemotePath, *, num_to_keep: int) -> None:
+        directory = as_path(directory)
+        assert isinstance(directory, RemotePath), directory
+        self.directory = directory
+        self.num_to_keep = num_to_keep
+
+    def all(self) -> list[RemotePath]:
+        return list_checkpoints(self.directory)
+
+    def latest(self) -> RemotePath | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def staging(self, name: str) -> Path:
+        self.clean_stale()
+        return Path(tempfile.mkdtemp(prefix=f"{OBJECT_STAGING_PREFIX}{os.getpid()}-"))
+
+    def clean_stale(self) -> None:
+        """Remove local staging directories of writers that are gone. An upload that died leaves at
+        most objects without ``state.pt`` (not a checkpoint; overwritten when the step comes again) and
+        an unfinished multipart upload, which the store never shows (a bucket lifecycle rule
+        ``AbortIncompleteMultipartUpload`` reclaims its space)."""
+        for p in dead_staging(tempfile.gettempdir(), OBJECT_STAGING_NAME):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def commit(self, staged: Path, name: str) -> RemotePath:
+        final = self.directory / name
+        files = sorted(p for p in staged.rglob("*") if p.is_file())
+        for p in sorted(files, key=lambda p: p.name == STATE_FILE):  # state.pt last: the commit point
+            (final / p.relative_to(staged).as_posix()).upload_from(p)
+        shutil.rmtree(staged, ignore_errors=True)
+        for old in self.all()[: -self.num_to_keep]:
+            (old / STATE_FILE).unlink(missing_ok=True)  # first: no longer a checkpoint
+            old.rmtree()
+        return final
+
+
+def run_checkpoints(directory: str | os.PathLike | RemotePath, *, num_to_keep: int):
+    """``LocalCheckpoints`` for a local folder, ``ObjectCheckpoints`` for an object-storage URI."""
+    d = as_path(directory)
+    if isinstance(d, RemotePath):
+        return ObjectCheckpoints(d, num_to_keep=num_to_keep)
+    return LocalCheckpoints(d, num_to_keep=num_to_keep)
+
+
+# ----------------------------------------------------------------------- off the critical path
+def cpu_copy(obj: Any) -> Any:
+    """``obj`` with every tensor replaced by a CPU copy of its own (plain containers recursed): what a
+    background writer may serialise while training goes on changing the originals in place."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, cpu_copy(v)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [cpu_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(cpu_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Runs checkpoint writes in a background thread, one at a time (module doc).
+
+    ``submit(fn)`` first waits for the write in flight (so at most one exists, and checkpoints commit
+    in order), then starts ``fn`` in a new thread and returns. ``flush()`` waits for the write in flight
+    and raises its exception, if it failed. ``background=False`` runs ``fn`` in the caller (the old,
+    blocking behaviour; benchmarks/train.py compares the two).
+    """
+
+    def __init__(self, *, background: bool = True) -> None:
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.waited_s = 0.0  # time callers spent blocked in submit/flush waiting for a write in flight
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread by flush
+            log.exception("background checkpoint write failed")
+            self._error = e
+
+    def submit(self, fn: Callable[[], Any]) -> None:
+        self.flush()
+        if not self.background:
+            fn()
+            return
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="checkpoint-writer", daemon=False)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def flush(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            start = time.perf_counter()
+            thread.join()
+            self.waited_s += time.perf_counter() - start
+        error, self._error = self._error, None
+        if error is not None:
+            raise error  # the writer's own exception (a full disk stays an OSError naming its file)

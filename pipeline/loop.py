@@ -158,9 +158,14 @@ def fit(cfg: TrainConfig, *, runtime: Runtime | None = None, faults: Faults = NO
         version = _log_final_artifacts(cfg, runtime, state, tracker, console, snapshot)
         if state.step > first_step:  # the final checkpoint carries the model version to Ray
             _save_checkpoint(runtime, state, tracker, window, snapshot, version=version)
+        runtime.flush_checkpoints()  # written in the background: finished only once it is complete
         status = "FINISHED"
     except BaseException as e:
         tracker.set_tags({"pipeline.failure": f"{type(e).__name__}: {e}"[:5000]})
+        try:  # complete the last checkpoint taken, so that a resume starts from it
+            runtime.flush_checkpoints()
+        except Exception:  # noqa: BLE001 - the first failure is the one to report
+            log.exception("the last checkpoint could not be written either")
         raise
     finally:
         console.close()

@@ -2,7 +2,13 @@
 
 The loop in pipeline/loop.py never imports Ray or touches ``torch.distributed``; it asks a runtime
 for its rank, device, collectives and checkpoint storage. ``LocalRuntime`` is one process with
-checkpoints in a local directory; ``pipeline.ray_adapter.RayRuntime`` is a Ray Train worker.
+checkpoints in a local directory or an object-storage prefix (``s3://bucket/...``);
+``pipeline.ray_adapter.RayRuntime`` is a Ray Train worker.
+
+Checkpoints are written off the critical path: ``save_checkpoint`` gets a writer for a state the
+caller has already copied to CPU (``pipeline.checkpoint.cpu_copy``), starts it in a background thread
+(at most one in flight) and returns; ``flush_checkpoints`` waits for it (the loop calls it at the end
+of a run, also a failed one, so the last checkpoint taken is complete before anyone resumes).
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.checkpoint import LocalCheckpoints
+from data_prep.storage import RemotePath
+from pipeline.checkpoint import CheckpointWriter, run_checkpoints
 
 
 def default_device() -> torch.device:
@@ -56,22 +63,36 @@ class Runtime:
     def save_checkpoint(self, write: Callable[[Path], None] | None, *, name: str, metrics: dict) -> None:
         """Collective: every rank calls it; rank 0 passes ``write(directory)``, the others None.
 
-        Returns once the checkpoint is durable (the latest one a restart will see).
+        ``write`` must only read a state copied for it (it may run in a background thread after this
+        returns). The checkpoint is the latest one a restart sees once it is fully written; a
+        previous write still in flight is waited for first.
         """
         raise NotImplementedError
 
+    def flush_checkpoints(self) -> None:
+        """Wait for the checkpoint write in flight, if any; raise its error if it failed."""
+
     @property
-    def run_dir(self) -> Path:
+    def run_dir(self) -> Path | RemotePath:
         """A directory shared by the run's workers (fault-injection markers)."""
         raise NotImplementedError
 
 
 class LocalRuntime(Runtime):
-    """One process, no Ray: checkpoints in ``checkpoint_dir/checkpoint_<step>``."""
+    """One process, no Ray: checkpoints in ``checkpoint_dir/checkpoint_<step>`` (a local folder or an
+    object-storage URI). ``background=False`` writes them in the training thread (benchmarks)."""
 
-    def __init__(self, checkpoint_dir: str | Path, *, num_to_keep: int, device: torch.device | None = None):
+    def __init__(
+        self,
+        checkpoint_dir: str | Path | RemotePath,
+        *,
+        num_to_keep: int,
+        device: torch.device | None = None,
+        background: bool = True,
+    ):
         self.device = device or default_device()
-        self.checkpoints = LocalCheckpoints(checkpoint_dir, num_to_keep=num_to_keep)
+        self.checkpoints = run_checkpoints(checkpoint_dir, num_to_keep=num_to_keep)
+        self.writer = CheckpointWriter(background=background)
 
     @contextlib.contextmanager
     def resume_candidates(self) -> Iterator[list[Path]]:
@@ -80,6 +101,9 @@ class LocalRuntime(Runtime):
 
     def save_checkpoint(self, write: Callable[[Path], None] | None, *, name: str, metrics: dict) -> None:
         assert write is not None, "rank 0 must pass the writer"
+        self.writer.submit(lambda: self._write(write, name))
+
+    def _write(self, write: Callable[[Path], None], name: str) -> None:
         staged = self.checkpoints.staging(name)
         try:
             write(staged)
@@ -88,6 +112,9 @@ class LocalRuntime(Runtime):
             raise
         self.checkpoints.commit(staged, name)
 
+    def flush_checkpoints(self) -> None:
+        self.writer.flush()
+
     @property
-    def run_dir(self) -> Path:
+    def run_dir(self) -> Path | RemotePath:
         return self.checkpoints.directory

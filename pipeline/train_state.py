@@ -25,6 +25,7 @@ import torch
 from flows import build_flow
 from pipeline.checkpoint import (
     checkpoint_name,
+    cpu_copy,
     list_checkpoints,
     read_newest_intact,
     rng_state,
@@ -178,7 +179,10 @@ class TrainState:
         }
 
     def save(self, runtime: Runtime, snapshot: dict, *, metrics: dict) -> None:
-        """Collective: rank 0 writes ``snapshot``; returns once it is the checkpoint a restart sees."""
+        """Collective: rank 0 writes ``snapshot``. The copy is taken now; the write may finish in the
+        background (``runtime.save_checkpoint``), after which it is the checkpoint a restart sees."""
+        if runtime.is_main:
+            snapshot = cpu_copy(snapshot)  # training changes the live tensors in place from the next step
 
         def write(directory: Path) -> None:
             write_checkpoint(directory, snapshot, config_to_yaml(self.cfg))
