@@ -6,7 +6,9 @@ missing keys take the defaults below. ``load_config`` reads it with overrides ``
 either place is the same ``ValueError`` naming the dotted key. ``model`` is flows' own ``FlowConfig``
 dataclass, validated by pydantic from here (its ``__post_init__`` checks included).
 
-Relative paths (``data.root``, ``run.root``) are resolved against the current directory by
+``data.root`` and ``run.root`` may be object-storage URIs (``s3://bucket/prefix``; credentials and
+endpoint from the environment, docs/operations.md). Relative paths are resolved against the current
+directory by
 ``resolve`` in the driver, before workers see the config: Ray workers (and ``ray job submit``
 drivers) run in other directories. The resolved ``TrainConfig`` object itself travels to every worker.
 """
@@ -21,6 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, PlainValidator, field_validator, model_validator
 
+from data_prep.storage import RemotePath, as_path, is_uri
 from flows import FlowConfig, SplitConfig
 from pipeline.config_loading import ConfigModel, Overrides, load_file, revise, validate, with_overrides
 
@@ -292,24 +295,38 @@ def config_to_yaml(cfg: TrainConfig) -> str:
 
 
 def resolve(cfg: TrainConfig, *, cwd: str | os.PathLike | None = None) -> TrainConfig:
-    """Absolute paths and a concrete tracking URI, fixed once in the driver (see module doc)."""
+    """Absolute paths and a concrete tracking URI, fixed once in the driver (see module doc).
+
+    Object-storage URIs (``s3://bucket/prefix``; data_prep/storage.py) stay as they are. A run root in
+    object storage needs a tracking URI: the default sqlite store cannot live in a bucket."""
     base = Path(cwd or os.getcwd())
-    run_root = (base / cfg.run.root).resolve()
+
+    def absolute(path: str) -> str:
+        return path.rstrip("/") if is_uri(path) else str((base / path).resolve())
+
+    run_root = absolute(cfg.run.root)
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri and is_uri(run_root):
+        raise ValueError(
+            f"run.root: {run_root} is object storage, where the default sqlite MLflow store cannot live; "
+            "set mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to a tracking server (its "
+            "--artifacts-destination may be the same bucket) or a database"
+        )
     if not uri:
-        uri = f"sqlite:///{run_root / 'mlflow.db'}"
+        uri = f"sqlite:///{Path(run_root) / 'mlflow.db'}"
     elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{(base / uri[len('sqlite:///') :]).resolve()}"
     return revise(
         cfg,
         {
-            "data.root": str((base / cfg.data.root).resolve()),
-            "run.root": str(run_root),
+            "data.root": absolute(cfg.data.root),
+            "run.root": run_root,
             "mlflow.tracking_uri": uri,
         },
     )
 
 
-def checkpoint_root(cfg: TrainConfig) -> Path:
-    """Ray Train's storage_path; the run's checkpoints are in ``checkpoint_root(cfg) / cfg.run.name``."""
-    return Path(cfg.run.root) / "checkpoints"
+def checkpoint_root(cfg: TrainConfig) -> Path | RemotePath:
+    """Ray Train's storage_path; the run's checkpoints are in ``checkpoint_root(cfg) / cfg.run.name``
+    (a ``RemotePath`` when ``run.root`` is an object-storage URI)."""
+    return as_path(cfg.run.root) / "checkpoints"
