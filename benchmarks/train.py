@@ -202,7 +202,7 @@ class OtherCpu:
     def __init__(self, exclude: set[int]) -> None:
         import psutil
 
-        self.psutil, self.exclude, self.seen = psutil, exclude, {}
+        self.psutil, self.exclude, self.seen, self.names = psutil, exclude, {}, {}
 
     def total(self) -> float:
         me = self.psutil.Process()
@@ -211,10 +211,20 @@ class OtherCpu:
                 continue
             try:
                 t = p.cpu_times()
+                if p.pid not in self.names:
+                    cmd = p.cmdline()
+                    self.names[p.pid] = (cmd[0].split("/")[-1] if cmd else p.name())[:40]
             except self.psutil.Error:
                 continue  # gone: its last reading stays in self.seen
             self.seen[p.pid] = t.user + t.system
         return sum(self.seen.values())
+
+    def by_name(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, seconds in self.seen.items():
+            name = "this driver" if pid == os.getpid() else self.names.get(pid, "?")
+            out[name] = out.get(name, 0.0) + seconds
+        return out
 
 
 def main() -> int:
@@ -256,6 +266,8 @@ def main() -> int:
                 raise RuntimeError((sync / "ray-failed.json").read_text())
         info = {arm: json.loads((sync / f"ready-{arm}.json").read_text()) for arm in arms}
         other = OtherCpu({i["pid"] for i in info.values()})
+        other.total()
+        start_by_name = other.by_name()
         results: dict[str, list[dict]] = {arm: [] for arm in arms}
         other_cpu: dict[str, list[float]] = {arm: [] for arm in arms}
         for r in range(args.rounds):
@@ -266,6 +278,7 @@ def main() -> int:
                 _wait_for(sync / f"done-{arm}-{r}.json")
                 other_cpu[arm].append((other.total() - before) / args.steps)
                 results[arm].append(json.loads((sync / f"done-{arm}-{r}.json").read_text()))
+        spent = {k: v - start_by_name.get(k, 0.0) for k, v in other.by_name().items()}
         plain.wait()
         if ray_thread is not None:
             ray_thread.join()
@@ -274,6 +287,11 @@ def main() -> int:
             ray.shutdown()
 
     report(cfg, args, use_gpu, arms, info, results, other_cpu)
+    steps = args.rounds * args.steps * len(arms)
+    print("\nCPU of the other processes over the timed rounds, ms per timed step (all arms):")
+    for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
+        if seconds * 1e3 / steps >= 0.05:
+            print(f"  {name}: {seconds * 1e3 / steps:.1f}")
     return 0
 
 
