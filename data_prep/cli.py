@@ -1,4 +1,10 @@
-"""`python -m data_prep <source> --input ... --output ...` and `python -m data_prep verify DIR`.
+"""`python -m data_prep <source> --input ... --output ...`, `python -m data_prep verify DIR` and
+`python -m data_prep upload DIR URI`.
+
+`--output` may be an object-storage URI (`s3://bucket/prefix`, credentials and endpoint from the
+environment as for every AWS client): the shards are converted into a local staging folder
+(`--staging`, default under the temp dir, keyed by the URI, so an interrupted run resumes), then
+uploaded and checked by data_prep/upload.py (manifest last), and the staging folder is removed.
 
 User mistakes (bad paths, corrupt inputs, a mismatched output folder) surface as ValueError, and
 the machine's complaints (disk full, an output path under a file, no permission) as OSError; both
@@ -8,14 +14,18 @@ become one `error: ...` line and exit code 2. A passing verify exits 0, a failin
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from data_prep.convert import RunOptions, convert_split
 from data_prep.images import DEFAULT_PNG_LEVEL
 from data_prep.sources import DEFAULT_SHARD_SIZE, source_table
+from data_prep.storage import is_uri
 
 SPLITS = ("train", "test")
 
@@ -35,7 +45,16 @@ def _common(
     if needs_input:
         p.add_argument("--input", type=Path, required=True, help="root of the official on-disk layout")
     p.add_argument(
-        "--output", type=Path, required=True, help="writes OUTPUT/{train,test}/*.tar + manifest.json"
+        "--output",
+        type=_output,
+        required=True,
+        help="writes OUTPUT/{train,test}/*.tar + manifest.json; a folder or s3://bucket/prefix",
+    )
+    p.add_argument(
+        "--staging",
+        type=Path,
+        default=None,
+        help="with an object-storage --output: the local folder to convert into before uploading",
     )
     p.add_argument("--splits", type=_splits, default=SPLITS, help="comma list of train,test (default both)")
     p.add_argument(
@@ -64,6 +83,16 @@ def _common(
     )
 
 
+def _output(text: str) -> str | Path:
+    return text.rstrip("/") if is_uri(text) else Path(text)
+
+
+def default_staging(uri: str) -> Path:
+    """The local folder an upload to ``uri`` converts into (the same for a re-run, which resumes)."""
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "eiw-data-prep-staging" / key
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One subcommand per entry of the source table, plus `verify`."""
     table = source_table()
@@ -86,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dir", type=Path)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+
+    p = sub.add_parser(
+        "upload",
+        help="copy converted shards to object storage and check them there",
+        description="DIR is a split folder (with manifest.json) or its parent; URI the destination "
+        "(s3://bucket/prefix; a split goes to URI/<split>). Local shards are checked against the "
+        "manifest, each upload is read back (sha256) and the manifest goes up last.",
+    )
+    p.add_argument("dir", type=Path)
+    p.add_argument("uri")
+    p.add_argument("--no-verify", action="store_true", help="check uploaded sizes only, not sha256")
     return parser
 
 
@@ -100,8 +140,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             problems = verify_path(args.dir, workers=args.workers)
             print_report(args.dir, problems)
             return 1 if problems else 0
+        if args.command == "upload":
+            from data_prep.upload import upload_dataset
+
+            if not is_uri(args.uri):
+                raise ValueError(f"{args.uri}: not an object-storage URI (scheme://bucket/prefix)")
+            for uri in upload_dataset(args.dir, args.uri.rstrip("/"), verify=not args.no_verify):
+                print(f"{uri}: uploaded and checked", file=sys.stderr)
+            return 0
+        remote = is_uri(args.output)
+        local_out = (args.staging or default_staging(args.output)) if remote else args.output
         opts = RunOptions(
-            output=args.output,
+            output=local_out,
             shard_size=args.shard_size,
             workers=args.workers,
             overwrite=args.overwrite,
@@ -112,11 +162,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for source in source_table()[args.command].build(args):
             m = convert_split(source, opts)
+            if remote:
+                from data_prep.upload import upload_split
+
+                upload_split(local_out / source.split, f"{args.output}/{source.split}")
             print(
-                f"{args.output / source.split}: {m['total']} samples in {len(m['shards'])} shards"
+                f"{args.output}/{source.split}: {m['total']} samples in {len(m['shards'])} shards"
                 + (f", {m['skipped_count']} skipped" if m["skipped_count"] else ""),
                 file=sys.stderr,
             )
+        if remote and args.staging is None:
+            shutil.rmtree(local_out, ignore_errors=True)  # uploaded and checked: ours to remove
     except (ValueError, OSError) as exc:
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2

@@ -32,10 +32,12 @@ from typing import Any
 
 import numpy as np
 from mlflow.data.dataset import Dataset
+from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.types import Schema, TensorSpec
 
 from data_prep.manifest import read_manifest
+from data_prep.storage import RemotePath, as_path
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +66,19 @@ class ShardDataset(Dataset):
     """One split of WebDataset shards, described by its manifest (no shard is opened)."""
 
     def __init__(self, split_dir: str | Path) -> None:
-        self.split_dir = Path(split_dir).resolve()
+        found = as_path(split_dir)
+        self.split_dir = found if isinstance(found, RemotePath) else found.resolve()
         self.manifest = read_manifest(self.split_dir)
         self.shards_sha256 = shards_sha256(self.manifest)
         m = self.manifest
         height, width = (int(v) for v in m["resolution"])
         name = f"{m['source']}-{height}x{width}-{m['split']}"
         super().__init__(
-            source=LocalArtifactDatasetSource(str(self.split_dir)),
+            source=(
+                resolve_dataset_source(str(self.split_dir))  # s3:// -> MLflow's S3 artifact source
+                if isinstance(self.split_dir, RemotePath)
+                else LocalArtifactDatasetSource(str(self.split_dir))
+            ),
             name=name,
             digest=self.shards_sha256[:DIGEST_CHARS],
         )
@@ -111,7 +118,7 @@ class ShardDataset(Dataset):
 
 def shard_datasets(data_root: str | Path) -> dict[str, ShardDataset]:
     """{MLflow context: dataset} for the train and test splits under ``data_root``."""
-    return {context: ShardDataset(Path(data_root) / split) for split, context in CONTEXTS.items()}
+    return {context: ShardDataset(as_path(data_root) / split) for split, context in CONTEXTS.items()}
 
 
 # --------------------------------------------------------------------------------------- code

@@ -40,6 +40,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from torch import Tensor
 
+from data_prep.storage import RemotePath, as_path
 from pipeline.config import MlflowConfig
 from pipeline.order_picture import ARTIFACT_DIR, DATA_NAME, PICTURE_NAME, OrderHistory
 
@@ -57,7 +58,10 @@ def artifact_location_for(tracking_uri: str, run_root: str | Path) -> str | None
     """Where a new experiment keeps artifacts: ``run_root/mlartifacts`` for a local sqlite store
     (MLflow's default is relative to whatever the current directory is); the server's choice otherwise."""
     if tracking_uri.startswith("sqlite:") or tracking_uri.startswith("file:") or "://" not in tracking_uri:
-        return (Path(run_root) / "mlartifacts").resolve().as_uri()
+        root = as_path(run_root)
+        if isinstance(root, RemotePath):  # s3://bucket/prefix/mlartifacts: the client writes there itself
+            return str(root / "mlartifacts")
+        return (root / "mlartifacts").resolve().as_uri()
     return None
 
 
@@ -104,7 +108,7 @@ class Tracker:
     def __init__(self, cfg: MlflowConfig, *, active: bool, run_root: str | Path) -> None:
         self.cfg = cfg
         self.active = active
-        self.run_root = Path(run_root)
+        self.run_root = as_path(run_root)
         self.run_id: str | None = None
         self.order = OrderHistory()
         self._client: MlflowClient | None = None
