@@ -31,6 +31,7 @@ from pipeline.checkpoint import checkpoint_name, write_checkpoint
 from pipeline.config import TrainConfig, checkpoint_root, config_to_yaml
 from pipeline.config_loading import flatten
 from pipeline.data import make_eval_loader, make_train_loader, train_batches
+from pipeline.evaluation import evaluate_iwbo, seeded_noise
 from pipeline.faults import NO_FAULTS, Faults
 from pipeline.lineage import GIT_COMMITS_TAG, code_tags, code_version, model_metadata, shard_datasets
 from pipeline.metric_window import MetricWindow
@@ -277,9 +278,22 @@ def _evaluate_and_sample(
     grids as stepped images (the UI's slider), except after the last step, whose grids come with the
     final artifacts."""
     test_loader = make_eval_loader(cfg.data, rank=runtime.rank, world_size=runtime.world_size)
-    bpd, count = evaluate(state.flow, test_loader, runtime=runtime, seed=cfg.run.seed)
+    with seeded_noise(cfg.run.seed * 1_000_003 + runtime.rank, runtime.device):  # DenseFlow's, q(u|x)'s
+        bpd, count = evaluate(state.flow, test_loader, runtime=runtime, seed=cfg.run.seed)
     tracker.log_metrics(state.step, {"test/bits_per_dim": bpd})
     console.say(f"step {state.step}/{cfg.total_steps} | test bits/dim {bpd:.4f} over {count} images")
+    if cfg.run.iwbo_samples and state.step == cfg.total_steps:
+        k = cfg.run.iwbo_samples
+        iwbo, _ = evaluate_iwbo(
+            state.flow,
+            make_eval_loader(cfg.data, rank=runtime.rank, world_size=runtime.world_size),
+            runtime=runtime,
+            seed=cfg.run.seed,
+            num_samples=k,
+            chunk_size=cfg.run.iwbo_chunk or cfg.data.eval_batch_size,
+        )
+        tracker.log_metrics(state.step, {"test/iwbo_bits_per_dim": iwbo})
+        console.say(f"step {state.step}/{cfg.total_steps} | test IWBO bits/dim (K = {k}) {iwbo:.4f}")
     if runtime.is_main and state.step != cfg.total_steps:
         grids = sample_grids(
             state.flow, cfg.run.sample_temperatures, num=cfg.run.num_samples, seed=cfg.run.seed
