@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -58,7 +59,10 @@ from pipeline.config import DEFAULT_SPLIT_STRATEGY, DataConfig, RunConfig, Train
 from pipeline.runtime import Runtime  # noqa: E402
 from pipeline.step import TrainingObjective, lr_factor, make_optimizer, train_step  # noqa: E402
 
-PLAIN, RAY, RAY_BEFORE = "plain", "ray", "ray, before"
+# arms (the rows) and the processes that run them: the plain process runs two arms, one while every
+# Ray process is stopped (SIGSTOP: the plain loop on a machine without Ray) and one while Ray idles.
+PLAIN_ALONE, PLAIN, RAY, RAY_BEFORE = "plain, Ray stopped", "plain, Ray idle", "ray", "ray, before"
+PROCESS = {PLAIN_ALONE: "plain", PLAIN: "plain", RAY: "ray", RAY_BEFORE: "ray-before"}
 RAY_DEFAULT_NICENESS = 15  # Ray's worker_niceness default (src/ray/common/ray_config_def.h)
 POLL_S = 0.01
 
@@ -98,10 +102,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg))
 
     def run(self, steps: int) -> dict[str, list[float]]:
-        """Per-step wall, process-CPU and this thread's CPU seconds of ``steps`` steps."""
-        times: dict[str, list[float]] = {"wall": [], "cpu": [], "thread": []}
+        """Per step of ``steps``: wall, process-CPU and this thread's CPU seconds, its minor page faults."""
+        times: dict[str, list[float]] = {"wall": [], "cpu": [], "thread": [], "faults": []}
         for _ in range(steps):
             self.flow.advance(self.step)
+            faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
             start, start_cpu, start_thread = time.perf_counter(), time.process_time(), time.thread_time()
             batch = self.batches[self.step % len(self.batches)]
             train_step(self.objective, batch, self.optimizer, self.scheduler, cfg=self.cfg,
@@ -110,6 +115,7 @@ class Trainer:
             times["wall"].append(time.perf_counter() - start)
             times["cpu"].append(time.process_time() - start_cpu)
             times["thread"].append(time.thread_time() - start_thread)
+            times["faults"].append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - faults)
             self.step += 1
         return times
 
@@ -129,14 +135,14 @@ def _write(path: Path, data: dict) -> None:
 
 
 def serve_arm(name: str, cfg: TrainConfig, runtime: Runtime, sync: Path, *, warmup: int, steps: int,
-              rounds: int) -> None:  # fmt: skip
+              slots: int) -> None:  # fmt: skip
     """Warm up, say ready, then run ``steps`` timed steps whenever the orchestrator says go."""
     trainer = Trainer(cfg, runtime)
     trainer.run(warmup)
     info = {"pid": os.getpid(), "niceness": os.nice(0), "threads": torch.get_num_threads(),
             "thread": threading.current_thread().name}  # fmt: skip
     _write(sync / f"ready-{name}.json", info)
-    for r in range(rounds):
+    for r in range(slots):
         _wait_for(sync / f"go-{name}-{r}")
         _write(sync / f"done-{name}-{r}.json", trainer.run(steps))
 
@@ -149,13 +155,13 @@ def _ray_worker(config: dict) -> None:
     cfg, rank = config["cfg"], ray.train.get_context().get_world_rank()
     if config["threads"]:
         torch.set_num_threads(config["threads"])
-    name = (RAY, RAY_BEFORE)[rank]
-    if name == RAY_BEFORE:
+    name = PROCESS[(RAY, RAY_BEFORE)[rank]]
+    if name == PROCESS[RAY_BEFORE]:
         os.nice(RAY_DEFAULT_NICENESS - os.nice(0))  # what Ray's default worker_niceness does
     runtime = RayRuntime(cfg)
     runtime.rank, runtime.world_size = 0, 1  # each rank trains alone: ray.num_workers=1, no DDP
     serve_arm(name, cfg, runtime, Path(config["sync"]), warmup=config["warmup"], steps=config["steps"],
-              rounds=config["rounds"])  # fmt: skip
+              slots=config["rounds"])  # fmt: skip
 
 
 def start_ray(
@@ -199,10 +205,10 @@ def start_ray(
 class OtherCpu:
     """CPU seconds of this process and its descendants other than the arms (Ray's own processes)."""
 
-    def __init__(self, exclude: set[int]) -> None:
+    def __init__(self, exclude: set[int], *, plain: int) -> None:
         import psutil
 
-        self.psutil, self.exclude, self.seen, self.names = psutil, exclude, {}, {}
+        self.psutil, self.exclude, self.plain, self.seen, self.names = psutil, exclude, plain, {}, {}
 
     def total(self) -> float:
         me = self.psutil.Process()
@@ -218,6 +224,25 @@ class OtherCpu:
                 continue  # gone: its last reading stays in self.seen
             self.seen[p.pid] = t.user + t.system
         return sum(self.seen.values())
+
+    def stop(self) -> list:
+        """SIGSTOP every descendant but the plain arm's process; returns them for ``resume``."""
+        stopped = []
+        for p in self.psutil.Process().children(recursive=True):
+            if p.pid != self.plain:
+                try:
+                    p.suspend()
+                    stopped.append(p)
+                except self.psutil.Error:
+                    pass
+        return stopped
+
+    def resume(self, stopped: list) -> None:
+        for p in stopped:
+            try:
+                p.resume()
+            except self.psutil.Error:
+                pass
 
     def by_name(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -236,6 +261,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in every arm (CPU only)")
     parser.add_argument("--no-ray", action="store_true", help="the plain arm only")
     parser.add_argument("--arm-plain", metavar="SYNC_DIR", help=argparse.SUPPRESS)  # the plain subprocess
+    parser.add_argument("--arm-slots", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides section.key=value (with --config)")
     args = parser.parse_args()
 
@@ -245,8 +271,8 @@ def main() -> int:
     if not use_gpu:
         torch.set_num_threads(args.threads)
     if args.arm_plain:
-        serve_arm(PLAIN, cfg, PlainRuntime(device), Path(args.arm_plain), warmup=args.warmup,
-                  steps=args.steps, rounds=args.rounds)  # fmt: skip
+        serve_arm(PROCESS[PLAIN], cfg, PlainRuntime(device), Path(args.arm_plain), warmup=args.warmup,
+                  steps=args.steps, slots=args.arm_slots)  # fmt: skip
         return 0
 
     m = cfg.model
@@ -257,27 +283,37 @@ def main() -> int:
           )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         sync = Path(tmp)
-        plain = subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--arm-plain", str(sync)])
+        slots = args.rounds * (1 if args.no_ray else 2)
+        plain = subprocess.Popen(
+            [sys.executable, __file__, *sys.argv[1:], "--arm-plain", str(sync), "--arm-slots", str(slots)]
+        )
         ray_thread = None if args.no_ray else start_ray(cfg, args, use_gpu, sync)
-        arms = [PLAIN] + ([RAY, RAY_BEFORE] if ray_thread else [])
-        for arm in arms:
-            _wait_for(sync / f"ready-{arm}.json")
+        arms = [PLAIN_ALONE, PLAIN, RAY, RAY_BEFORE] if ray_thread else [PLAIN]
+        for process in {PROCESS[arm] for arm in arms}:
+            _wait_for(sync / f"ready-{process}.json")
             if (sync / "ray-failed.json").exists():
                 raise RuntimeError((sync / "ray-failed.json").read_text())
-        info = {arm: json.loads((sync / f"ready-{arm}.json").read_text()) for arm in arms}
-        other = OtherCpu({i["pid"] for i in info.values()})
+        info = {arm: json.loads((sync / f"ready-{PROCESS[arm]}.json").read_text()) for arm in arms}
+        other = OtherCpu({i["pid"] for i in info.values()}, plain=plain.pid)
         other.total()
         start_by_name = other.by_name()
         results: dict[str, list[dict]] = {arm: [] for arm in arms}
         other_cpu: dict[str, list[float]] = {arm: [] for arm in arms}
+        slot = dict.fromkeys(PROCESS.values(), 0)
         for r in range(args.rounds):
             for k in range(len(arms)):
                 arm = arms[(r + k) % len(arms)]
-                before = other.total()
-                (sync / f"go-{arm}-{r}").touch()
-                _wait_for(sync / f"done-{arm}-{r}.json")
-                other_cpu[arm].append((other.total() - before) / args.steps)
-                results[arm].append(json.loads((sync / f"done-{arm}-{r}.json").read_text()))
+                process, n = PROCESS[arm], slot[PROCESS[arm]]
+                slot[process] += 1
+                stopped = other.stop() if arm == PLAIN_ALONE else []
+                try:
+                    before = other.total()
+                    (sync / f"go-{process}-{n}").touch()
+                    _wait_for(sync / f"done-{process}-{n}.json")
+                    other_cpu[arm].append((other.total() - before) / args.steps)
+                finally:
+                    other.resume(stopped)
+                results[arm].append(json.loads((sync / f"done-{process}-{n}.json").read_text()))
         spent = {k: v - start_by_name.get(k, 0.0) for k, v in other.by_name().items()}
         plain.wait()
         if ray_thread is not None:
@@ -297,38 +333,43 @@ def main() -> int:
 
 def report(cfg: TrainConfig, args: argparse.Namespace, use_gpu: bool, arms: list[str], info: dict,
            results: dict[str, list[dict]], other_cpu: dict[str, list[float]]) -> None:  # fmt: skip
+    """One row per arm: medians over all its timed steps, and its per-round ratio to the first arm."""
     med = statistics.median
     # On a GPU the step is bounded by the device: compare wall time. On a CPU, process CPU time per
     # step is the measure that survives a shared, oversubscribed machine.
     key = "wall" if use_gpu else "cpu"
-    per_round = {arm: [{k: med(v) for k, v in rnd.items()} for rnd in results[arm]] for arm in arms}
+    base = arms[0]
+
+    def ratios(arm: str, k: str) -> list[float]:
+        pairs = zip(results[arm], results[base], strict=True)
+        return [med(a[k]) / med(b[k]) for a, b in pairs]
+
     print(
-        "\n| path | niceness | step ms: wall | CPU, process | CPU, training thread | Ray's other processes,"
-        f" CPU ms per step | images/s (wall) | {key} vs plain: median [min, max] over rounds |"
+        "\n| path | niceness | step ms: wall | CPU, process | CPU, training thread | minor faults per step"
+        f" | Ray's other processes, CPU ms per step | {key} vs {base}: median [min, max] over rounds |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    overheads = {}
     for arm in arms:
-        allsteps = {k: [t for rnd in results[arm] for t in rnd[k]] for k in ("wall", "cpu", "thread")}
-        wall, cpu, thread = (med(allsteps[k]) for k in ("wall", "cpu", "thread"))
-        ratios = [a[key] / p[key] for a, p in zip(per_round[arm], per_round[PLAIN], strict=True)]
-        overheads[arm] = ratios
-        label = arm if arm == PLAIN else f"{arm} (Ray Train worker, {info[arm]['threads']} thread(s))"
-        print(f"| {label} | {info[arm]['niceness']} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | "
-              f"{thread * 1e3:.1f} | "
-              f"{med(other_cpu[arm]) * 1e3:.1f} | {cfg.data.batch_size / wall:.1f} | "
-              f"{med(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] |")  # fmt: skip
-    for arm in arms[1:]:
-        r = overheads[arm]
-        print(
-            f"\n{arm}: {(med(r) - 1) * 100:+.1f}% step {key} time against the plain loop "
-            f"(rounds: {', '.join(f'{(x - 1) * 100:+.1f}' for x in r)}; target <= +5%)"
+        allsteps = {
+            k: [t for rnd in results[arm] for t in rnd[k]] for k in ("wall", "cpu", "thread", "faults")
+        }
+        wall, cpu, thread, faults = (med(allsteps[k]) for k in ("wall", "cpu", "thread", "faults"))
+        r = ratios(arm, key)
+        label = (
+            arm if PROCESS[arm] == "plain" else f"{arm} (Ray Train worker, {info[arm]['threads']} thread(s))"
         )
+        print(f"| {label} | {info[arm]['niceness']} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | "
+              f"{thread * 1e3:.1f} | {faults:.0f} | {med(other_cpu[arm]) * 1e3:.1f} | "
+              f"{med(r):.3f} [{min(r):.3f}, {max(r):.3f}] |")  # fmt: skip
+    for arm in arms[1:]:
+        r = ratios(arm, key)
+        print(f"\n{arm}: {(med(r) - 1) * 100:+.1f}% step {key} time against {base} "
+              f"(rounds: {', '.join(f'{(x - 1) * 100:+.1f}' for x in r)}; target <= +5%)")  # fmt: skip
         if not use_gpu:
-            pairs = zip(results[arm], results[PLAIN], strict=True)
-            thread = [med(a["thread"]) / med(p["thread"]) for a, p in pairs]
-            print(f"  training thread alone: {(med(thread) - 1) * 100:+.1f}% "
-                  f"[{(min(thread) - 1) * 100:+.1f}, {(max(thread) - 1) * 100:+.1f}]")  # fmt: skip
+            t, w = ratios(arm, "thread"), ratios(arm, "wall")
+            print(f"  training thread CPU: {(med(t) - 1) * 100:+.1f}% [{(min(t) - 1) * 100:+.1f}, "
+                  f"{(max(t) - 1) * 100:+.1f}]; wall: {(med(w) - 1) * 100:+.1f}% [{(min(w) - 1) * 100:+.1f}, "
+                  f"{(max(w) - 1) * 100:+.1f}]")  # fmt: skip
 
 
 if __name__ == "__main__":
