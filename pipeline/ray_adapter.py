@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -124,21 +125,46 @@ class RayRuntime(Runtime):
 
     def save_checkpoint(self, write: Callable[[Path], None] | None, *, name: str, metrics: dict) -> None:
         # ray.train.report is a barrier; Ray registers the checkpoint once it is fully persisted.
-        # Rank 0's checkpoint_dir_name is the one Ray uses for every rank.
+        # Rank 0's checkpoint_dir_name is the one Ray uses for every rank. Off the critical path:
+        # rank 0's write (serialising the CPU copy) and the upload run in Ray's checkpoint upload
+        # thread (checkpoint_upload_mode=ASYNC with our upload function), one at a time.
         if write is None:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
+        self.flush_checkpoints()  # at most one in flight
         name = self._unregistered_name(name)
         for leftover in dead_staging(tempfile.gettempdir(), STAGING_NAME):
             shutil.rmtree(leftover, ignore_errors=True)  # another user's stays (no permission)
             if not leftover.exists():
                 log.warning("%s: removed, the staging directory of a worker that is gone", leftover)
         staged = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
+        done = self._in_flight = threading.Event()
+
+        def write_and_upload(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
+            try:
+                write(staged)
+                return ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
+            finally:
+                done.set()
+
         try:
-            write(staged)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staged), checkpoint_dir_name=name)
-        finally:
+            ray.train.report(
+                metrics,
+                checkpoint=Checkpoint.from_directory(staged),
+                checkpoint_dir_name=name,
+                checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,  # deletes staged after
+                checkpoint_upload_fn=write_and_upload,
+            )
+        except BaseException:
+            done.set()
             shutil.rmtree(staged, ignore_errors=True)
+            raise
+
+    def flush_checkpoints(self) -> None:
+        """Wait for rank 0's write in flight (Ray raises a failed upload in the training thread)."""
+        done, self._in_flight = getattr(self, "_in_flight", None), None
+        while done is not None and not done.wait(60):
+            log.warning("still writing the previous checkpoint")
 
     @property
     def run_dir(self) -> Path:

@@ -1,0 +1,222 @@
+"""Object storage end to end, against a real S3-protocol server (moto's standalone server) on 127.0.0.1:
+shards written there by the CLI a user runs, a tiny Ray Train run whose data, checkpoints and MLflow
+artifacts (an ``mlflow server`` with ``--artifacts-destination s3://...``) live in the bucket, a
+worker failure injected, the resume from the checkpoint in the bucket; and the plain loop's own
+checkpoints in the bucket. Credentials and the endpoint reach every client (s3fs, pyarrow in Ray,
+boto3 in MLflow) through the environment only, as on a cloud cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.checkpoint import STATE_FILE, checkpoint_name, list_checkpoints, read_checkpoint
+from pipeline.config import TrainConfig, checkpoint_root, load_config, resolve
+from pipeline.faults import Faults, InjectedFault
+from tests.integration.conftest import MLFLOW, START_TIMEOUT_S, _stop, _wait_healthy, free_port
+
+pytestmark = pytest.mark.integration
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+REPO = Path(__file__).resolve().parents[2]
+BUCKET = "eiw-test"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    env: dict[str, str]
+
+    def keys(self, prefix: str) -> list[str]:
+        import boto3
+
+        s3 = boto3.client("s3")
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on a free loopback port, a bucket, and the AWS_* variables pointing at it
+    (set in this process for the module's duration, restored afterwards)."""
+    root = tmp_path_factory.mktemp("moto")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = root / "moto.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,  # what MLflow's S3 artifact store reads
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server not up after {START_TIMEOUT_S}s") from None
+                time.sleep(0.3)
+        os.environ.update(env)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        yield S3Server(endpoint=endpoint, env=env)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def s3_mlflow_server(s3_server, tmp_path_factory):
+    """An ``mlflow server`` whose artifacts go to the bucket (proxied: clients upload through it)."""
+    root = tmp_path_factory.mktemp("mlflow-s3")
+    port = free_port()
+    log = root / "server.log"
+    cmd = [
+        str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", f"s3://{BUCKET}/mlartifacts",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, log)
+        yield url
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def s3_shards(s3_server) -> str:
+    """The built-in sample set, tiny, written to the bucket by ``python -m data_prep sample --output s3://``."""
+    uri = f"s3://{BUCKET}/data/sample-32-tiny"
+    done = subprocess.run(
+        [sys.executable, "-m", "data_prep", "sample", "--output", uri, "--n-train", "64", "--n-test", "32",
+         "--shard-size", "16", "--workers", "1", "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    keys = s3_server.keys("data/sample-32-tiny/")
+    for split, shards in (("train", 4), ("test", 2)):
+        assert f"data/sample-32-tiny/{split}/manifest.json" in keys
+        assert sum(k.startswith(f"data/sample-32-tiny/{split}/{split}-") for k in keys) == shards
+    return uri
+
+
+@pytest.fixture
+def ray_with_s3_env(s3_server):
+    """Local Ray whose workers see the AWS_* variables (a Ray started earlier in the session did not
+    have them: it is replaced for this test and a plain one put back afterwards)."""
+    import ray
+
+    earlier = ray.is_initialized()
+    if earlier:
+        ray.shutdown()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": s3_server.env})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if earlier:  # the session's ray_local, as conftest.py starts it
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
+
+
+def tiny(shards: str, tracking_uri: str, name: str, *overrides: str) -> TrainConfig:
+    cfg = load_config(
+        CONFIGS / "tiny.yaml",
+        [
+            "data.source=shards",
+            f"data.root={shards}",
+            f"run.root=s3://{BUCKET}/runs",
+            f"mlflow.tracking_uri={tracking_uri}",
+            f"run.name={name}",
+            "ray.use_gpu=false",
+            "run.progress_bar=false",
+            "run.checkpoint_every=2",
+            "mlflow.register=false",
+            "mlflow.log_checkpoint=true",
+            "mlflow.system_metrics=false",
+            *overrides,
+        ],
+    )
+    return resolve(cfg)
+
+
+def test_a_ray_run_with_data_checkpoints_and_artifacts_in_a_bucket_survives_a_fault(
+    s3_server, s3_shards, s3_mlflow_server, ray_with_s3_env
+):
+    from pipeline.data import ensure_data
+    from pipeline.ray_adapter import fit_with_ray
+
+    cfg = tiny(s3_shards, s3_mlflow_server, "s3-ray")
+    assert cfg.data.root == s3_shards and cfg.run.root == f"s3://{BUCKET}/runs"
+    ensure_data(cfg.data, cfg.model.image_shape)
+    result = fit_with_ray(cfg, faults=Faults(fail_at_step=5))  # rank 0 dies once, before step 5
+
+    assert result.step == 8 and result.checkpoint_path is not None
+    assert result.checkpoint_path.startswith(f"{BUCKET}/runs/checkpoints/s3-ray/")  # pyarrow's path
+    run_dir = checkpoint_root(cfg) / cfg.run.name
+    assert str(run_dir) == f"s3://{BUCKET}/runs/checkpoints/s3-ray"
+    names = [p.name for p in list_checkpoints(run_dir)]
+    assert names == [checkpoint_name(6), checkpoint_name(8)], names  # keep_checkpoints: 2
+    assert read_checkpoint(run_dir / checkpoint_name(8))["step"] == 8
+    run = MlflowClient(s3_mlflow_server).get_run(result.mlflow_run_id)
+    assert run.data.tags["pipeline.resumed_from_step"] == "4"  # from the checkpoint in the bucket
+    assert run.data.metrics["test/bits_per_dim"] == pytest.approx(result.test_bits_per_dim)
+    assert "s3-ray" in run.data.tags.get("mlflow.runName", "")
+    keys = s3_server.keys("")
+    assert "runs/checkpoints/s3-ray/.fault-injected-step5" in keys
+    artifacts = [k for k in keys if k.startswith("mlartifacts/") and result.mlflow_run_id in k]
+    assert any(k.endswith(f"checkpoint/{checkpoint_name(8)}/{STATE_FILE}") for k in artifacts), artifacts
+    assert any(k.endswith("config.yaml") for k in artifacts)
+    assert any("/samples/" in k for k in artifacts)
+    assert any(k.endswith("weights.pt") for k in keys if k.startswith("mlartifacts/"))  # the logged model
+
+
+def test_the_plain_loop_keeps_its_checkpoints_in_a_bucket_and_resumes_from_them(
+    s3_server, s3_shards, s3_mlflow_server
+):
+    from pipeline.loop import fit
+
+    cfg = tiny(s3_shards, s3_mlflow_server, "s3-plain", "ray.enabled=false", "mlflow.log_model=false",
+               "mlflow.log_checkpoint=false", "run.epochs=1")  # fmt: skip
+    with pytest.raises(InjectedFault):
+        fit(cfg, faults=Faults(fail_at_step=3))
+    run_dir = checkpoint_root(cfg) / cfg.run.name
+    assert [p.name for p in list_checkpoints(run_dir)] == [checkpoint_name(2)]
+
+    result = fit(cfg)
+    assert result.step == 4
+    run = MlflowClient(s3_mlflow_server).get_run(result.mlflow_run_id)
+    assert run.data.tags["pipeline.resumed_from_step"] == "2"
+    keys = s3_server.keys("runs/checkpoints/s3-plain/")
+    # Finished runs keep their last checkpoints; staging never reaches the bucket (state.pt is the
+    # commit point, uploaded last).
+    assert f"runs/checkpoints/s3-plain/{checkpoint_name(2)}/{STATE_FILE}" in keys
+    assert not any("/.tmp-" in k for k in keys), keys
