@@ -1,6 +1,7 @@
 """Training step cost of the plain loop against the Ray Train adapter, interleaved in one run.
 
     python benchmarks/train.py [--config configs/sample.yaml] [--steps 10] [--rounds 8] [--threads N]
+    python benchmarks/train.py --checkpoint-stall [--checkpoint-every 10] [--storage s3://bucket/prefix]
 
 Every arm runs ``pipeline.step.train_step`` (forward, bits/dim + sigma * regularizer, backward, grad
 clipping, the cross-rank non-finite check, Adam step) on the same model and the same batches (fixed
@@ -26,6 +27,10 @@ step in its own column: it is not in any arm's process time.
 Needs only torch and pydantic (and flows/pipeline from this repo): without an importable ``ray`` the
 Ray arms are skipped with a message, so it runs on a GPU box that has nothing else. ``--config`` needs
 PyYAML; without it the model is the sample config's (3 levels x 4 steps, 64 hidden, batch 32, 32x32).
+
+``--checkpoint-stall`` measures instead how long each checkpoint blocks the plain loop, written in the
+training thread (before) and by the background writer (after), and their ratio
+(benchmarks/checkpoint_stall.py; no Ray).
 """
 
 from __future__ import annotations
@@ -263,6 +268,10 @@ def main() -> int:
     parser.add_argument("--arm-plain", metavar="SYNC_DIR", help=argparse.SUPPRESS)  # the plain subprocess
     parser.add_argument("--arm-slots", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides section.key=value (with --config)")
+    parser.add_argument("--checkpoint-stall", action="store_true",
+                        help="measure the per-checkpoint stall: written in the loop vs the background writer")
+    parser.add_argument("--checkpoint-every", type=int, default=10, help="with --checkpoint-stall")
+    parser.add_argument("--storage", help="with --checkpoint-stall: checkpoint folder or URI (default: temp)")
     args = parser.parse_args()
 
     cfg = default_config(args)
@@ -270,6 +279,11 @@ def main() -> int:
     device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
     if not use_gpu:
         torch.set_num_threads(args.threads)
+    if args.checkpoint_stall:
+        from checkpoint_stall import run as run_checkpoint_stall
+
+        return run_checkpoint_stall(cfg, make_batches(cfg, device), storage=args.storage, steps=args.steps,
+                                    every=args.checkpoint_every, warmup=args.warmup, rounds=args.rounds)
     if args.arm_plain:
         serve_arm(PROCESS[PLAIN], cfg, PlainRuntime(device), Path(args.arm_plain), warmup=args.warmup,
                   steps=args.steps, slots=args.arm_slots)  # fmt: skip
