@@ -7,7 +7,9 @@ and, every ``--checkpoint-every`` steps, ``TrainState.save(runtime, state.snapsh
 object-storage URI). The stall is the wall time that call keeps the training loop from its next step:
 before, serialising, fsync, rename (or upload) and retention; after, the CPU copy of the state plus any
 wait for the previous write still in flight. Steps that ran while a write was in flight are timed
-apart from the others: on a machine with few cores the writer competes with training for CPU.
+apart from the others: on a machine with few cores the writer competes with training for CPU, and
+the net cost column adds that slowdown (summed over the steps beside a write, per checkpoint) to the
+stall.
 """
 
 from __future__ import annotations
@@ -83,8 +85,8 @@ def run(cfg: TrainConfig, batches: list[torch.Tensor], *, storage: str | None, s
     print(f"\ncheckpoint stall: state.pt {mib:.1f} MiB to {where}, a checkpoint every {every} steps, "
           f"{len(merged(False, 'stalls'))} checkpoints per mode over {rounds} round(s)")  # fmt: skip
     print("\n| checkpoint write | stall per checkpoint ms (median) | max | step ms, writer idle | "
-          "step ms, write in flight | final flush ms |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+          "step ms, write in flight | net cost per checkpoint ms | final flush ms |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     rows = {}
     for background, name in ((False, "in the training thread (before)"), (True, "background writer (after)")):
         stalls = merged(background, "stalls")
@@ -92,8 +94,12 @@ def run(cfg: TrainConfig, batches: list[torch.Tensor], *, storage: str | None, s
         flush = med(res["last_flush"] for res in results[background])
         rows[background] = med(stalls)
         busy_text = f"{med(busy) * 1e3:.1f} ({len(busy)} steps)" if busy else "-"
+        # What a checkpoint costs the run in all: the stall plus the slowdown of the steps that ran
+        # beside the write (the writer's CPU, on a machine with few cores), against the idle median.
+        slowdown = sum(t - med(idle) for t in busy) / len(stalls)
+        net = med(stalls) + slowdown
         print(f"| {name} | {med(stalls) * 1e3:.1f} | {max(stalls) * 1e3:.1f} | {med(idle) * 1e3:.1f} | "
-              f"{busy_text} | {flush * 1e3:.1f} |")  # fmt: skip
+              f"{busy_text} | {net * 1e3:.1f} | {flush * 1e3:.1f} |")  # fmt: skip
     print(f"\nstall ratio, before / after: {rows[False] / rows[True]:.1f}x "
           f"({rows[False] * 1e3:.1f} ms -> {rows[True] * 1e3:.1f} ms per checkpoint)")
     return 0
