@@ -6,23 +6,24 @@
 Every arm runs ``pipeline.step.train_step`` (forward, bits/dim + sigma * regularizer, backward, grad
 clipping, the cross-rank non-finite check, Adam step) on the same model and the same batches (fixed
 synthetic uint8 images: throughput does not depend on pixel values), each in its own process with the
-same number of torch threads (on CPU):
+same number of torch threads (on CPU). Two phases, each with its own embedded Ray instance and one
+``TorchTrainer`` worker (``RayRuntime``, world size 1, no DDP: ``ray.num_workers=1``):
 
-- ``plain``: the plain loop in a subprocess that never imports Ray (the process ``--no-ray`` runs);
-- ``ray``: one Ray Train worker (``TorchTrainer``, ``RayRuntime``) as the adapter starts it now
-  (``pipeline.ray_adapter.RAY_SYSTEM_CONFIG``: workers at niceness 0);
-- ``ray, before``: one Ray Train worker as the adapter started it before (Ray's default worker
-  niceness, 15: the worker renices itself, which is what the raylet does by default).
+- ``before``: Ray as the adapter started it before (``ray.init`` defaults: workers at niceness 15,
+  dashboard, metrics collection, event statistics, Train's preemption watcher);
+- ``after``: Ray as the adapter starts it now (``pipeline.ray_adapter.embedded_ray_init`` and
+  ``embedded_ray_env``).
 
-The two Ray workers are the two ranks of one ``TorchTrainer`` (each trains alone, world size 1, as
-``ray.num_workers=1`` does; no DDP). After warm-up the arms take turns: in each round every arm runs
-``--steps`` steps while the others wait (the order rotates from round to round), so that the load of a
-shared machine hits all arms alike; each round gives the ratio of an arm's median step to the plain
-arm's in the same round, and the table shows the median ratio and its range over the rounds. On a
-CPU the overhead is judged on process CPU time per step (wall time on a shared machine is mostly the
-scheduler's choice, and there Ray's niceness shows most), on a GPU on wall time. The CPU that Ray's
-other processes (raylet, GCS, Train controller, the driver) use while an arm runs is reported per
-step in its own column: it is not in any arm's process time.
+In each phase three arms take turns, ``--steps`` steps each per round (the order rotates from round to
+round) so that the load of a shared machine hits them alike: the plain loop in a subprocess that never
+imports Ray (what ``--no-ray`` runs) while every Ray process is stopped (SIGSTOP: the plain loop on a
+machine without Ray, the baseline), the same plain process while Ray idles beside it, and the Ray
+worker. Each round gives an arm's median step over the baseline's in that round; the table shows the
+median ratio and its range over the rounds. On a CPU the overhead is judged on process CPU time per
+step (wall time on a shared machine is mostly the scheduler's choice), on a GPU on wall time. The CPU
+that Ray's other processes (raylet, GCS, the Train controller and its helper actors, the driver) take
+while an arm runs is reported per step in its own column: it is in no arm's process time, and on a
+machine without spare cores it is taken from the training.
 
 Needs only torch and pydantic (and flows/pipeline from this repo): without an importable ``ray`` the
 Ray arms are skipped with a message, so it runs on a GPU box that has nothing else. ``--config`` needs
@@ -36,6 +37,7 @@ training thread (before) and by the background writer (after), and their ratio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -64,11 +66,9 @@ from pipeline.config import DEFAULT_SPLIT_STRATEGY, DataConfig, RunConfig, Train
 from pipeline.runtime import Runtime  # noqa: E402
 from pipeline.step import TrainingObjective, lr_factor, make_optimizer, train_step  # noqa: E402
 
-# arms (the rows) and the processes that run them: the plain process runs two arms, one while every
-# Ray process is stopped (SIGSTOP: the plain loop on a machine without Ray) and one while Ray idles.
-PLAIN_ALONE, PLAIN, RAY, RAY_BEFORE = "plain, Ray stopped", "plain, Ray idle", "ray", "ray, before"
-PROCESS = {PLAIN_ALONE: "plain", PLAIN: "plain", RAY: "ray", RAY_BEFORE: "ray-before"}
-RAY_DEFAULT_NICENESS = 15  # Ray's worker_niceness default (src/ray/common/ray_config_def.h)
+# The arms of a phase (the rows); the plain process runs the first two, the phase's Ray worker the third.
+PLAIN_ALONE, PLAIN, RAY = "plain, Ray stopped", "plain, Ray idle", "Ray Train worker"
+PHASES = ("before", "after")
 POLL_S = 0.01
 
 
@@ -153,53 +153,44 @@ def serve_arm(name: str, cfg: TrainConfig, runtime: Runtime, sync: Path, *, warm
 
 
 def _ray_worker(config: dict) -> None:
-    import ray.train
-
     from pipeline.ray_adapter import RayRuntime
 
-    cfg, rank = config["cfg"], ray.train.get_context().get_world_rank()
     if config["threads"]:
         torch.set_num_threads(config["threads"])
-    name = PROCESS[(RAY, RAY_BEFORE)[rank]]
-    if name == PROCESS[RAY_BEFORE]:
-        os.nice(RAY_DEFAULT_NICENESS - os.nice(0))  # what Ray's default worker_niceness does
-    runtime = RayRuntime(cfg)
-    runtime.rank, runtime.world_size = 0, 1  # each rank trains alone: ray.num_workers=1, no DDP
-    serve_arm(name, cfg, runtime, Path(config["sync"]), warmup=config["warmup"], steps=config["steps"],
-              slots=config["rounds"])  # fmt: skip
+    serve_arm(config["name"], config["cfg"], RayRuntime(config["cfg"]), Path(config["sync"]),
+              warmup=config["warmup"], steps=config["steps"], slots=config["rounds"])  # fmt: skip
 
 
-def start_ray(
-    cfg: TrainConfig, args: argparse.Namespace, use_gpu: bool, sync: Path
-) -> threading.Thread | None:
-    """Ray with the adapter's settings, and a 2-worker ``TorchTrainer`` (one per Ray arm) in a thread."""
-    try:
-        import ray
-        from ray.train import RunConfig as RayRunConfig
-        from ray.train import ScalingConfig
-        from ray.train.torch import TorchTrainer
+def start_ray(cfg: TrainConfig, args: argparse.Namespace, use_gpu: bool, sync: Path, phase: str):
+    """An embedded Ray with the phase's settings and a 1-worker ``TorchTrainer`` fitting in a thread."""
+    import ray
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
 
-        from pipeline.ray_adapter import RAY_SYSTEM_CONFIG
-    except ImportError as e:
-        print(f"ray is not importable ({e}); skipping the Ray arms")
-        return None
+    from pipeline.ray_adapter import embedded_ray_env, embedded_ray_init
+
     cpus = max(1, args.threads)
-    ray.init(address="local", num_cpus=2 * cpus + 1, include_dashboard=False, log_to_driver=False,
-             _system_config=RAY_SYSTEM_CONFIG)  # fmt: skip
+    if phase == "before":
+        ray.init(address="local", num_cpus=cpus + 1, log_to_driver=False)  # the adapter's call before
+        env = contextlib.nullcontext()
+    else:
+        embedded_ray_init(cpus + 1, log_to_driver=False)
+        env = embedded_ray_env()
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"cfg": cfg, "threads": 0 if use_gpu else args.threads, "sync": str(sync),
-                           "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup},
-        scaling_config=ScalingConfig(num_workers=2, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
-        run_config=RayRunConfig(name="bench-train", storage_path=str(sync / "ray")),
+                           "name": f"ray-{phase}", "steps": args.steps, "rounds": args.rounds,
+                           "warmup": args.warmup},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+        run_config=RayRunConfig(name=f"bench-train-{phase}", storage_path=str(sync / "ray")),
     )  # fmt: skip
-    errors: list[BaseException] = []
 
     def fit() -> None:
         try:
-            trainer.fit()
+            with env:
+                trainer.fit()
         except BaseException as e:  # noqa: BLE001 - reported by the orchestrator
-            errors.append(e)
             _write(sync / "ray-failed.json", {"error": repr(e)})
 
     thread = threading.Thread(target=fit, name="ray-fit", daemon=True)
@@ -249,6 +240,10 @@ class OtherCpu:
             except self.psutil.Error:
                 pass
 
+    def by_name_now(self) -> dict[str, float]:
+        self.total()
+        return self.by_name()
+
     def by_name(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for pid, seconds in self.seen.items():
@@ -265,6 +260,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in every arm (CPU only)")
     parser.add_argument("--no-ray", action="store_true", help="the plain arm only")
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds between Ray's start and round 1")
     parser.add_argument("--arm-plain", metavar="SYNC_DIR", help=argparse.SUPPRESS)  # the plain subprocess
     parser.add_argument("--arm-slots", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides section.key=value (with --config)")
@@ -285,7 +281,7 @@ def main() -> int:
         return run_checkpoint_stall(cfg, make_batches(cfg, device), storage=args.storage, steps=args.steps,
                                     every=args.checkpoint_every, warmup=args.warmup, rounds=args.rounds)
     if args.arm_plain:
-        serve_arm(PROCESS[PLAIN], cfg, PlainRuntime(device), Path(args.arm_plain), warmup=args.warmup,
+        serve_arm("plain", cfg, PlainRuntime(device), Path(args.arm_plain), warmup=args.warmup,
                   steps=args.steps, slots=args.arm_slots)  # fmt: skip
         return 0
 
@@ -295,59 +291,73 @@ def main() -> int:
           + ("" if use_gpu else f", {args.threads} torch thread(s) per arm")
           + f", {args.rounds} rounds x {args.steps} steps per arm after {args.warmup} warm-up steps"
           )  # fmt: skip
+    try:
+        import ray  # noqa: F401
+    except ImportError as e:
+        print(f"ray is not importable ({e}); only the plain loop runs")
+        args.no_ray = True
+    phases = ("plain",) if args.no_ray else PHASES
+    arms = [PLAIN] if args.no_ray else [PLAIN_ALONE, PLAIN, RAY]
+    results: dict[tuple[str, str], list[dict]] = {}
+    other_cpu: dict[tuple[str, str], list[float]] = {}
+    info: dict[str, dict] = {}
+    spent: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         sync = Path(tmp)
-        slots = args.rounds * (1 if args.no_ray else 2)
+        slots = args.rounds * len(phases) * (1 if args.no_ray else 2)
         plain = subprocess.Popen(
             [sys.executable, __file__, *sys.argv[1:], "--arm-plain", str(sync), "--arm-slots", str(slots)]
         )
-        ray_thread = None if args.no_ray else start_ray(cfg, args, use_gpu, sync)
-        arms = [PLAIN_ALONE, PLAIN, RAY, RAY_BEFORE] if ray_thread else [PLAIN]
-        for process in {PROCESS[arm] for arm in arms}:
-            _wait_for(sync / f"ready-{process}.json")
-            if (sync / "ray-failed.json").exists():
-                raise RuntimeError((sync / "ray-failed.json").read_text())
-        info = {arm: json.loads((sync / f"ready-{PROCESS[arm]}.json").read_text()) for arm in arms}
-        other = OtherCpu({i["pid"] for i in info.values()}, plain=plain.pid)
-        other.total()
-        start_by_name = other.by_name()
-        results: dict[str, list[dict]] = {arm: [] for arm in arms}
-        other_cpu: dict[str, list[float]] = {arm: [] for arm in arms}
-        slot = dict.fromkeys(PROCESS.values(), 0)
-        for r in range(args.rounds):
-            for k in range(len(arms)):
-                arm = arms[(r + k) % len(arms)]
-                process, n = PROCESS[arm], slot[PROCESS[arm]]
-                slot[process] += 1
-                stopped = other.stop() if arm == PLAIN_ALONE else []
-                try:
-                    before = other.total()
-                    (sync / f"go-{process}-{n}").touch()
-                    _wait_for(sync / f"done-{process}-{n}.json")
-                    other_cpu[arm].append((other.total() - before) / args.steps)
-                finally:
-                    other.resume(stopped)
-                results[arm].append(json.loads((sync / f"done-{process}-{n}.json").read_text()))
-        spent = {k: v - start_by_name.get(k, 0.0) for k, v in other.by_name().items()}
+        n_plain = 0
+        for phase in phases:
+            processes = {PLAIN_ALONE: "plain", PLAIN: "plain", RAY: f"ray-{phase}"}
+            ray_thread = None if args.no_ray else start_ray(cfg, args, use_gpu, sync, phase)
+            for process in {processes[arm] for arm in arms}:
+                _wait_for(sync / f"ready-{process}.json")
+                if (sync / "ray-failed.json").exists():
+                    raise RuntimeError((sync / "ray-failed.json").read_text())
+                info[process] = json.loads((sync / f"ready-{process}.json").read_text())
+            time.sleep(0 if args.no_ray else args.settle)  # let Ray's start-up work finish
+            other = OtherCpu({info[processes[arm]]["pid"] for arm in arms}, plain=plain.pid)
+            start_by_name = other.by_name_now()
+            for r in range(args.rounds):
+                for k in range(len(arms)):
+                    arm = arms[(r + k) % len(arms)]
+                    process = processes[arm]
+                    if process == "plain":
+                        n, n_plain = n_plain, n_plain + 1
+                    else:
+                        n = r
+                    stopped = other.stop() if arm == PLAIN_ALONE else []
+                    try:
+                        before = other.total()
+                        (sync / f"go-{process}-{n}").touch()
+                        _wait_for(sync / f"done-{process}-{n}.json")
+                        other_cpu.setdefault((phase, arm), []).append((other.total() - before) / args.steps)
+                    finally:
+                        other.resume(stopped)
+                    done = json.loads((sync / f"done-{process}-{n}.json").read_text())
+                    results.setdefault((phase, arm), []).append(done | {"process": process})
+            spent[phase] = {k: v - start_by_name.get(k, 0.0) for k, v in other.by_name_now().items()}
+            if ray_thread is not None:
+                ray_thread.join()
+                import ray
+
+                ray.shutdown()
         plain.wait()
-        if ray_thread is not None:
-            ray_thread.join()
-            import ray
 
-            ray.shutdown()
-
-    report(cfg, args, use_gpu, arms, info, results, other_cpu)
-    steps = args.rounds * args.steps * len(arms)
-    print("\nCPU of the other processes over the timed rounds, ms per timed step (all arms):")
-    for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
-        if seconds * 1e3 / steps >= 0.05:
-            print(f"  {name}: {seconds * 1e3 / steps:.1f}")
+    for phase in phases:
+        report(use_gpu, phase, arms, info, results, other_cpu)
+        steps = args.rounds * args.steps * len(arms)
+        print(f"{phase}: CPU of the other processes over the timed rounds, ms per timed step (all arms):")
+        for name, seconds in sorted(spent[phase].items(), key=lambda kv: -kv[1]):
+            if seconds * 1e3 / steps >= 0.05:
+                print(f"  {name}: {seconds * 1e3 / steps:.1f}")
     return 0
 
 
-def report(cfg: TrainConfig, args: argparse.Namespace, use_gpu: bool, arms: list[str], info: dict,
-           results: dict[str, list[dict]], other_cpu: dict[str, list[float]]) -> None:  # fmt: skip
-    """One row per arm: medians over all its timed steps, and its per-round ratio to the first arm."""
+def report(use_gpu: bool, phase: str, arms: list[str], info: dict, results: dict, other_cpu: dict) -> None:
+    """A row per arm of ``phase``: medians over all its timed steps, its per-round ratio to the first arm."""
     med = statistics.median
     # On a GPU the step is bounded by the device: compare wall time. On a CPU, process CPU time per
     # step is the measure that survives a shared, oversubscribed machine.
@@ -355,35 +365,39 @@ def report(cfg: TrainConfig, args: argparse.Namespace, use_gpu: bool, arms: list
     base = arms[0]
 
     def ratios(arm: str, k: str) -> list[float]:
-        pairs = zip(results[arm], results[base], strict=True)
+        pairs = zip(results[phase, arm], results[phase, base], strict=True)
         return [med(a[k]) / med(b[k]) for a, b in pairs]
 
+    print(f"\nphase {phase}")
     print(
-        "\n| path | niceness | step ms: wall | CPU, process | CPU, training thread | minor faults per step"
+        "| arm | niceness | step ms: wall | CPU, process | CPU, training thread | minor faults per step"
         f" | Ray's other processes, CPU ms per step | {key} vs {base}: median [min, max] over rounds |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for arm in arms:
-        allsteps = {
-            k: [t for rnd in results[arm] for t in rnd[k]] for k in ("wall", "cpu", "thread", "faults")
-        }
+        rounds = results[phase, arm]
+        allsteps = {k: [t for rnd in rounds for t in rnd[k]] for k in ("wall", "cpu", "thread", "faults")}
         wall, cpu, thread, faults = (med(allsteps[k]) for k in ("wall", "cpu", "thread", "faults"))
         r = ratios(arm, key)
-        label = (
-            arm if PROCESS[arm] == "plain" else f"{arm} (Ray Train worker, {info[arm]['threads']} thread(s))"
-        )
-        print(f"| {label} | {info[arm]['niceness']} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | "
-              f"{thread * 1e3:.1f} | {faults:.0f} | {med(other_cpu[arm]) * 1e3:.1f} | "
+        process = info[rounds[0]["process"]]
+        other = med(other_cpu[phase, arm])
+        print(f"| {arm} ({process['threads']} thread(s)) | {process['niceness']} | {wall * 1e3:.1f} | "
+              f"{cpu * 1e3:.1f} | {thread * 1e3:.1f} | {faults:.0f} | {other * 1e3:.1f} | "
               f"{med(r):.3f} [{min(r):.3f}, {max(r):.3f}] |")  # fmt: skip
+    if len(arms) == 3:
+        pairs = zip(results[phase, RAY], results[phase, PLAIN], strict=True)
+        r = [med(a[key]) / med(b[key]) for a, b in pairs]
+        print(f"{phase}, {RAY} against {PLAIN}: {(med(r) - 1) * 100:+.1f}% step {key} time "
+              f"[{(min(r) - 1) * 100:+.1f}, {(max(r) - 1) * 100:+.1f}]")  # fmt: skip
     for arm in arms[1:]:
         r = ratios(arm, key)
-        print(f"\n{arm}: {(med(r) - 1) * 100:+.1f}% step {key} time against {base} "
+        print(f"{phase}, {arm}: {(med(r) - 1) * 100:+.1f}% step {key} time against {base} "
               f"(rounds: {', '.join(f'{(x - 1) * 100:+.1f}' for x in r)}; target <= +5%)")  # fmt: skip
         if not use_gpu:
             t, w = ratios(arm, "thread"), ratios(arm, "wall")
             print(f"  training thread CPU: {(med(t) - 1) * 100:+.1f}% [{(min(t) - 1) * 100:+.1f}, "
-                  f"{(max(t) - 1) * 100:+.1f}]; wall: {(med(w) - 1) * 100:+.1f}% [{(min(w) - 1) * 100:+.1f}, "
-                  f"{(max(w) - 1) * 100:+.1f}]")  # fmt: skip
+                  f"{(max(t) - 1) * 100:+.1f}]; wall: {(med(w) - 1) * 100:+.1f}% "
+                  f"[{(min(w) - 1) * 100:+.1f}, {(max(w) - 1) * 100:+.1f}]")  # fmt: skip
 
 
 if __name__ == "__main__":
