@@ -1,0 +1,27 @@
+"""The DenseFlow recipes load, say what DenseFlow's published commands say, and run the global batch
+their learning rate belongs to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize(
+    "name, k, gamma", [("imagenet64_denseflow", 200, 0.95), ("cifar10_denseflow", 1000, 0.9975)]
+)
+def test_recipe_is_denseflow_published_setting(name: str, k: int, gamma: float) -> None:
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    model = cfg.model
+    assert (model.base, model.dequantization, model.split_prior) == ("denseflow", "variational", "standard")
+    assert model.denseflow.units == (6, 4, 1) and model.denseflow.layers == (5, 6, 20)
+    assert model.denseflow.mid_channels == (48, 48, 48) and model.denseflow.growth_rate == 10
+    assert (model.split.strategy, model.split.sigma) == ("eiw", 1e-3)
+    assert cfg.optim.name == "adamax" and cfg.optim.lr == 1e-3 and cfg.optim.warmup_steps == 5000
+    assert cfg.optim.decay_per_epoch == gamma and cfg.run.iwbo_samples == k
+    assert cfg.data.batch_size * cfg.ray.num_workers == cfg.optim.reference_batch
