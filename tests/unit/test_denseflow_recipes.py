@@ -25,3 +25,15 @@ def test_recipe_is_denseflow_published_setting(name: str, k: int, gamma: float) 
     assert cfg.optim.name == "adamax" and cfg.optim.lr == 1e-3 and cfg.optim.warmup_steps == 5000
     assert cfg.optim.decay_per_epoch == gamma and cfg.run.iwbo_samples == k
     assert cfg.data.batch_size * cfg.ray.num_workers == cfg.optim.reference_batch
+
+
+def test_denseflow_search_loads_and_its_trials_are_denseflow(monkeypatch) -> None:
+    from tune.spec import load_spec, trial_config
+
+    monkeypatch.chdir(CONFIGS.parent)  # base_config paths are relative to the repo root
+    spec = load_spec(CONFIGS / "tune" / "imagenet64_denseflow.yaml")
+    sigma = spec.space["model.split.sigma"]
+    assert (min(sigma.values), max(sigma.values)) == (1e-4, 1.0)
+    cfg = trial_config(spec.base, {"model.split.sigma": 0.01, "model.denseflow.growth_rate": 6}, "abc_00001")
+    assert cfg.model.base == "denseflow" and cfg.model.denseflow.growth_rate == 6
+    assert cfg.model.split.sigma == 0.01 and cfg.run.iwbo_samples == 0
