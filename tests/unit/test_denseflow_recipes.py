@@ -28,7 +28,8 @@ def test_recipe_is_denseflow_published_setting(name: str, k: int, gamma: float) 
 
 
 def test_denseflow_search_loads_and_its_trials_are_denseflow(monkeypatch) -> None:
-    from tune.spec import load_spec, trial_config
+    from tune.spec import load_spec
+    from tune.trial import trial_config
 
     monkeypatch.chdir(CONFIGS.parent)  # base_config paths are relative to the repo root
     spec = load_spec(CONFIGS / "tune" / "imagenet64_denseflow.yaml")
