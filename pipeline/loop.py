@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 MODEL_VERSION_TAG = "pipeline.model_version"
 FINAL_STEP_TAG = "pipeline.final_step"  # the step whose model was logged: a re-run does not log it twice
 DIAGNOSTICS_PREFIX = "diag/"
+MEMORY_PREFIX = "memory/"
+REBUILD_ERROR_WARNING = 1e-2  # docs/model.md, "Memory modes": above it, use memory: checkpoint
 
 
 @dataclass(kw_only=True)
@@ -233,6 +235,15 @@ def _log_window(
     metrics, text = window.close(state.step, lr=lr, skipped_total=state.skipped_steps)
     if runtime.is_main:
         metrics |= {f"{DIAGNOSTICS_PREFIX}{k}": v for k, v in state.flow.split_diagnostics().items()}
+        # Invertible memory's drift (docs/model.md, "Memory modes"); empty in the other modes.
+        memory = state.flow.memory_diagnostics()
+        metrics |= {f"{MEMORY_PREFIX}{k}": v for k, v in memory.items()}
+        worst = max(memory.values(), default=0.0)
+        if worst > REBUILD_ERROR_WARNING:
+            console.say(
+                f"step {state.step}: invertible memory rebuilt a level input {worst:.2e} off (above "
+                f"{REBUILD_ERROR_WARNING:g}); gradients drift: consider model.memory=checkpoint"
+            )
         tracker.record_order(state.step, state.flow.kept_shares())
     tracker.log_metrics(state.step, metrics)
     console.say(f"step {state.step}/{cfg.total_steps} | {text}")
