@@ -350,7 +350,8 @@ def test_ray_runtime_falls_back_from_an_unreadable_registered_checkpoint(tmp_pat
     monkeypatch.setattr(
         ray.train,
         "report",
-        lambda metrics, checkpoint, checkpoint_dir_name: reported.update(name=checkpoint_dir_name),
+        # **kw: checkpoint_upload_mode=ASYNC and the upload function (run by Ray's upload thread)
+        lambda metrics, checkpoint, checkpoint_dir_name, **kw: reported.update(name=checkpoint_dir_name),
     )
     runtime.save_checkpoint(
         lambda d: write_checkpoint(d, {"step": 4}, ""), name=checkpoint_name(4), metrics={}
