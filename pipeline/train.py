@@ -71,7 +71,7 @@ def warn_if_ephemeral(raw: TrainConfig, cfg: TrainConfig) -> None:
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ or "runtime_resources" not in os.getcwd():
         return
     roots = (("run.root", raw.run.root), ("data.root", raw.data.root))
-    relative = [f"{k}={v}" for k, v in roots if not os.path.isabs(v)]
+    relative = [f"{k}={v}" for k, v in roots if not (os.path.isabs(v) or "://" in v)]  # URIs: buckets
     if relative:
         log.warning(
             "running from Ray's uploaded working dir %s: %s resolve inside it and vanish with the Ray "
