@@ -37,6 +37,7 @@ from mlflow.data.dataset import Dataset
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.tracking import fluent as mlflow_fluent
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from torch import Tensor
 
@@ -104,6 +105,21 @@ def multipart_uploads(tracking_uri: str) -> Iterator[None]:
         os.environ.pop(key, None)
 
 
+@contextlib.contextmanager
+def _active_experiment_lifted() -> Iterator[None]:
+    """MLflow refuses ``start_run(run_id=...)`` for a run outside the experiment that
+    ``mlflow.set_experiment`` made active in this process (a notebook's, an earlier job's), although
+    the run id already names its experiment. Lift that one check for the call and put the caller's
+    choice back; the MLFLOW_EXPERIMENT_ID environment variable (which Ray and Tune pass on) is left
+    alone. ``_active_experiment_id`` is MLflow's module state (mlflow/tracking/fluent.py, 3.x)."""
+    held = getattr(mlflow_fluent, "_active_experiment_id", None)
+    mlflow_fluent._active_experiment_id = None
+    try:
+        yield
+    finally:
+        mlflow_fluent._active_experiment_id = held
+
+
 class Tracker:
     def __init__(self, cfg: MlflowConfig, *, active: bool, run_root: str | Path) -> None:
         self.cfg = cfg
@@ -140,7 +156,8 @@ class Tracker:
         if mlflow.active_run() is not None:
             mlflow.end_run()  # a run left open in this process by an earlier fit
         if run_id is not None:
-            run = mlflow.start_run(run_id=run_id, log_system_metrics=False)
+            with _active_experiment_lifted():
+                run = mlflow.start_run(run_id=run_id, log_system_metrics=False)
             log.info("continuing MLflow run %s (%s)", run_id, run_name)
             self._read_held(run_id, resumed_from)
         else:

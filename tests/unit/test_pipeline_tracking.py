@@ -60,6 +60,28 @@ def test_reopened_run_skips_steps_mlflow_already_holds(tmp_path: Path) -> None:
     assert steps_of(cfg.tracking_uri, first.run_id, "test/bits_per_dim") == [3, 4, 5, 6]
 
 
+def test_a_run_resumes_whatever_experiment_the_caller_made_active(tmp_path: Path) -> None:
+    import mlflow
+
+    cfg = config(tmp_path)
+    first = started(cfg, tmp_path)
+    first.end("FAILED")
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    other = mlflow.set_experiment("a-notebook's-experiment").experiment_id
+    try:
+        second = started(cfg, tmp_path, run_id=first.run_id, resumed_from=0)  # MLflow alone refuses this
+        assert second.run_id == first.run_id
+        second.end()
+        from mlflow.tracking import fluent
+
+        assert fluent._active_experiment_id == other  # the caller's choice is put back
+    finally:
+        from mlflow.tracking import fluent
+
+        fluent._active_experiment_id = None
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
 def test_live_metrics_are_asynchronous_and_all_arrive(tmp_path: Path) -> None:
     cfg = config(tmp_path)
     assert cfg.async_metrics
