@@ -15,6 +15,14 @@ peak memory is measured in a fresh subprocess per model: on CUDA torch.cuda.max_
 on CPU the growth of the process's peak RSS (ru_maxrss) over its RSS after building the model and
 running one warm-up step, i.e. the memory a step needs beyond weights, optimizer state and libraries.
 normflows is an optional dependency (`pip install normflows`, the `bench` extra).
+
+DenseFlow rows (``--denseflow``, benchmarks/denseflow_authors.py): our ``base: denseflow`` against the
+EIW authors' DenseFlow (studying910/EIW-Flow, DIW-Flow/) at the same tiny configuration:
+
+    python benchmarks/flow_step.py --denseflow [--authors-code PATH/DIW-Flow] [--size 16 --batch 8]
+        [--units 2 2 1 --layers 1 1 2 --mid 16 16 16 --growth 4] [--checkpoint] [--threads 2]
+
+Step-time ratios are per round (ours / theirs in the same round), reported as median [min, max].
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", message="torch.lu is deprecated")
 
+import denseflow_authors as dense  # noqa: E402
 from memory import run_child, saved_for_backward_mib, step_peak_mib  # noqa: E402
 
 from flows import FlowConfig, build_flow, initialize_actnorm  # noqa: E402
@@ -92,6 +101,8 @@ def images(args: argparse.Namespace) -> torch.Tensor:
 
 
 def make(args: argparse.Namespace, name: str):
+    if args.denseflow:
+        return dense.make(args, name)
     if name == "normflows":
         return build_normflows(args)
     return build_ours(args, split_prior=name.removeprefix("ours-"))
@@ -114,12 +125,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(args: argparse.Namespace, names: list[str]) -> dict[str, float]:
+def time_steps(
+    args: argparse.Namespace, names: list[str], models: dict | None = None
+) -> dict[str, list[float]]:
+    """Per-round step times of each model, the models' steps interleaved round by round."""
     x = images(args).to(args.device)
     steps = {}
     for name in names:
         torch.manual_seed(0)
         model, loss_fn = make(args, name)
+        if models is not None:
+            models[name] = model
         steps[name] = step_fn(model, loss_fn, x)
         for _ in range(args.warmup):
             steps[name]()
@@ -134,7 +150,7 @@ def time_steps(args: argparse.Namespace, names: list[str]) -> dict[str, float]:
             steps[name]()
             sync(args.device)
             times[name].append(clock() - t0)
-    return {n: statistics.median(t) for n, t in times.items()}
+    return times
 
 
 def peak_memory_child(args: argparse.Namespace) -> None:
@@ -152,6 +168,8 @@ def peak_memory_child(args: argparse.Namespace) -> None:
 
 def peak_memory(args: argparse.Namespace, name: str) -> dict[str, float]:
     argv = ["--child", name, "--device", args.device]
+    if args.denseflow:
+        return run_child(__file__, argv + dense.child_argv(args))
     for key in ("levels", "steps", "hidden", "batch", "size"):
         argv += [f"--{key}", str(getattr(args, key))]
     return run_child(__file__, argv)
@@ -167,10 +185,17 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every model")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    dense.add_arguments(parser)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         peak_memory_child(args)
+        return
+    if args.denseflow:
+        denseflow_table(args)
         return
 
     names = ["normflows", "ours-gaussian", "ours-standard"]
@@ -179,7 +204,7 @@ def main() -> None:
         f"L={args.levels} K={args.steps} hidden={args.hidden} batch={args.batch} "
         f"image=3x{args.size}x{args.size}"
     )
-    times = time_steps(args, names)
+    times = {n: statistics.median(t) for n, t in time_steps(args, names).items()}
     memory = {n: peak_memory(args, n) for n in names}
     ref_t, ref_m = times["normflows"], memory["normflows"]
     peak_name = "peak alloc MiB" if args.device == "cuda" else "peak RSS+ MiB"
@@ -195,6 +220,44 @@ def main() -> None:
             f"{m['peak_mib'] / ref_m['peak_mib']:.2f} | {m['saved_mib']:.1f} | "
             f"{m['saved_mib'] / ref_m['saved_mib']:.2f} |"
         )
+
+
+def denseflow_table(args: argparse.Namespace) -> None:
+    """Ours against the authors' DenseFlow: per-round ratios and memory, one process per peak."""
+    code = dense.locate_authors_code(args.authors_code)
+    args.authors_code = str(code) if code else None
+    names = dense.names(args)
+    models: dict = {}
+    times = time_steps(args, names, models)
+    print(
+        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"batch={args.batch} image=3x{args.size}x{args.size} rounds={args.rounds} warmup={args.warmup}"
+    )
+    print(dense.describe(args, models))
+    memory = {n: peak_memory(args, n) for n in names}
+    peak_name = "peak alloc MiB" if args.device == "cuda" else "peak RSS+ MiB"
+    unit = "step ms (wall)" if args.device == "cuda" else "step CPU ms"
+    print(
+        f"| model | {unit} median [min, max] | x theirs, per round: median [min, max] | {peak_name} "
+        "| x theirs | saved for backward MiB | x theirs |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for n in names:
+        t, m = times[n], memory[n]
+        ref = n.replace("ours-denseflow", "authors")
+        row = f"| {n} | {statistics.median(t) * 1e3:.0f} [{min(t) * 1e3:.0f}, {max(t) * 1e3:.0f}] | "
+        if ref in times:
+            r = [a / b for a, b in zip(t, times[ref], strict=True)]
+            q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+            rm = memory[ref]
+            row += (
+                f"{statistics.median(r):.2f} [{min(r):.2f}, {max(r):.2f}] (IQR {q[0]:.2f}-{q[2]:.2f}) | "
+                f"{m['peak_mib']:.1f} | {m['peak_mib'] / rm['peak_mib']:.2f} | {m['saved_mib']:.1f} | "
+                f"{m['saved_mib'] / rm['saved_mib']:.2f} |"
+            )
+        else:
+            row += f"- | {m['peak_mib']:.1f} | - | {m['saved_mib']:.1f} | - |"
+        print(row)
 
 
 if __name__ == "__main__":
