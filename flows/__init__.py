@@ -1,8 +1,9 @@
-"""flows: Glow-style multi-scale normalizing flows with pluggable split strategies (pure torch)."""
+"""flows: multi-scale normalizing flows (Glow and DenseFlow bases) with pluggable split strategies,
+uniform or variational dequantization, bits/dim and the IWBO (pure torch)."""
 
 from flows.actnorm import ActNorm, initialize_actnorm
 from flows.bijection import Bijection, Compose
-from flows.config import FlowConfig, SplitConfig
+from flows.config import DenseFlowConfig, DequantizerConfig, FlowConfig, SplitConfig
 from flows.coupling import AdditiveCoupling, AffineCoupling
 from flows.invconv import InvConv1x1
 from flows.model import FlowModel, build_flow
@@ -15,6 +16,8 @@ __all__ = [
     "AffineCoupling",
     "Bijection",
     "Compose",
+    "DenseFlowConfig",
+    "DequantizerConfig",
     "FlowConfig",
     "FlowModel",
     "InvConv1x1",
