@@ -163,17 +163,7 @@ def test_cross_unit_noise_log_density_matches_a_direct_computation() -> None:
 
 def test_conditioning_follows_their_bookkeeping() -> None:
     """Unit i's noise sees cat(x, h_0 .. h_{i-2}): C, 2C, 3C + growth channels for units 1, 2, 3."""
-    block = InvertibleDenseBlock(
-        4,
-        num_units=4,
-        num_layers=1,
-        mid_channels=4,
-        growth_rate=2,
-        net_depth=1,
-        net_growth=3,
-        num_landmarks=2,
-        generator=torch.Generator().manual_seed(0),
-    )
+    block = _block(num_units=4)
     assert [net.net[0].in_channels for net in block.noise_nets] == [4, 8, 14]
     assert block.out_channels == 4 + 3 * 2
 
