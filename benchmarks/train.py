@@ -68,6 +68,7 @@ from pipeline.step import TrainingObjective, lr_factor, make_optimizer, train_st
 
 # The arms of a phase (the rows); the plain process runs the first two, the phase's Ray worker the third.
 PLAIN_ALONE, PLAIN, RAY = "plain, Ray stopped", "plain, Ray idle", "Ray Train worker"
+PLAIN_ONLY = "plain loop"  # --no-ray
 PHASES = ("before", "after")
 POLL_S = 0.01
 
@@ -297,7 +298,7 @@ def main() -> int:
         print(f"ray is not importable ({e}); only the plain loop runs")
         args.no_ray = True
     phases = ("plain",) if args.no_ray else PHASES
-    arms = [PLAIN] if args.no_ray else [PLAIN_ALONE, PLAIN, RAY]
+    arms = [PLAIN_ONLY] if args.no_ray else [PLAIN_ALONE, PLAIN, RAY]
     results: dict[tuple[str, str], list[dict]] = {}
     other_cpu: dict[tuple[str, str], list[float]] = {}
     info: dict[str, dict] = {}
@@ -310,7 +311,7 @@ def main() -> int:
         )
         n_plain = 0
         for phase in phases:
-            processes = {PLAIN_ALONE: "plain", PLAIN: "plain", RAY: f"ray-{phase}"}
+            processes = {PLAIN_ONLY: "plain", PLAIN_ALONE: "plain", PLAIN: "plain", RAY: f"ray-{phase}"}
             ray_thread = None if args.no_ray else start_ray(cfg, args, use_gpu, sync, phase)
             for process in {processes[arm] for arm in arms}:
                 _wait_for(sync / f"ready-{process}.json")
