@@ -53,7 +53,8 @@ STAGING_NAME = re.compile(rf"^{STAGING_PREFIX}(?P<pid>[0-9]+)-[a-z0-9_]+$")
 
 # The embedded Ray (no ray.address, no $RAY_ADDRESS) is one machine's training, so it starts lean
 # (benchmarks/train.py, docs/benchmarks.md "Ray overhead"): workers at niceness 0, not Ray's 15, so
-# the training step does not yield to every other process on the host; no dashboard, no metrics
+# training does not yield to the processes it competes with (nothing measurable on the benchmark VM,
+# whose kernel groups processes by session before niceness counts); no dashboard, no metrics
 # collection and no event statistics in Ray's processes, and no Train preemption watcher (it watches
 # for cloud spot-instance notices and polls every few seconds): together they halve the CPU that
 # Ray's own processes take beside the training (about 22% -> 11% of one core, measured). A cluster
