@@ -135,6 +135,10 @@ class RunConfig(ConfigModel):
     bound with K draws of the noise (dequantization, DenseFlow's augmentation) to the final test
     evaluation, ``test/iwbo_bits_per_dim`` (DenseFlow reports K = 1000 on CIFAR-10, 200 on ImageNet);
     ``iwbo_chunk``: images x draws per forward pass (0 = ``data.eval_batch_size``).
+    ``async_checkpoints``: write and upload checkpoints off the training thread (the plain loop's
+    background writer; Ray Train's asynchronous upload), so a step never waits for storage. Tune
+    trials turn it off: a scheduler (ASHA) decides on each report, and an asynchronous report reaches
+    it only after the workers have trained on past the rung.
     """
 
     name: DirectoryName = "sample"
@@ -153,6 +157,7 @@ class RunConfig(ConfigModel):
     num_threads: int = Field(0, ge=0)
     iwbo_samples: int = Field(0, ge=0)
     iwbo_chunk: int = Field(0, ge=0)
+    async_checkpoints: bool = True
 
 
 # The YAML key is `register`; as a field it shadows ABCMeta.register on the class only, harmlessly.

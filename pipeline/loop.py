@@ -105,7 +105,11 @@ def fit(cfg: TrainConfig, *, runtime: Runtime | None = None, faults: Faults = NO
     The shards must exist (``pipeline.data.ensure_data``, run once by the driver). ``faults``: tests only.
     """
     if runtime is None:
-        runtime = LocalRuntime(checkpoint_root(cfg) / cfg.run.name, num_to_keep=cfg.run.keep_checkpoints)
+        runtime = LocalRuntime(
+            checkpoint_root(cfg) / cfg.run.name,
+            num_to_keep=cfg.run.keep_checkpoints,
+            background=cfg.run.async_checkpoints,
+        )
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     torch.manual_seed(cfg.run.seed * 1000 + runtime.rank)

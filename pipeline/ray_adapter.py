@@ -102,6 +102,7 @@ class RayRuntime(Runtime):
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
         self._run_dir = checkpoint_root(cfg) / cfg.run.name
+        self._async_upload = cfg.run.async_checkpoints
 
     @property
     def _distributed(self) -> bool:
@@ -172,6 +173,14 @@ class RayRuntime(Runtime):
             if not leftover.exists():
                 log.warning("%s: removed, the staging directory of a worker that is gone", leftover)
         staged = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
+        if not self._async_upload:  # run.async_checkpoints: false (Tune trials): report when persisted
+            try:
+                write(staged)
+                checkpoint = Checkpoint.from_directory(staged)
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+            return
         done = self._in_flight = threading.Event()
 
         def write_and_upload(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:

@@ -29,8 +29,12 @@ def train_run_name(trial_id: str) -> str:
 
 
 def trial_config(base: TrainConfig, values: Mapping[str, Any], trial_id: str) -> TrainConfig:
-    """``base`` (resolved, with the search's run.root and MLflow settings) + sampled ``values``."""
-    return revise(base, {**values, "run.name": train_run_name(trial_id)})
+    """``base`` (resolved, with the search's run.root and MLflow settings) + sampled ``values``.
+
+    Checkpoints are reported synchronously (``run.async_checkpoints: false``): ASHA decides at each
+    report, and with asynchronous uploads the report arrives after the workers have trained on past
+    the rung (a trial it stops would already have finished and logged its model)."""
+    return revise(base, {**values, "run.name": train_run_name(trial_id), "run.async_checkpoints": False})
 
 
 def run_trial(config: dict[str, Any], *, base: TrainConfig) -> None:

@@ -186,7 +186,7 @@ def test_saved_model_is_weights_config_and_a_code_file(saved):
     signature = mlflow.models.Model.load(str(saved)).signature
     (spec,) = signature.inputs.inputs
     assert spec.type == np.dtype(np.uint8) and spec.shape == (-1, *SHAPE)
-    assert {p.name for p in signature.params.params} == {"mode", "seed", "num", "temperature"}
+    assert {p.name for p in signature.params.params} == {"mode", "seed", "num", "temperature", "num_samples"}
 
 
 def test_load_flow_model_rebuilds_the_flow(flow, saved):
