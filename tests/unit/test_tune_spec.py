@@ -65,6 +65,7 @@ def test_a_trial_is_the_base_config_plus_its_values():
     cfg = trial_config(spec.base, {"optim.lr": 3e-3, "model.split.sigma": 0.1}, "abc_00001")
     assert (cfg.optim.lr, cfg.model.split.sigma, cfg.run.name) == (3e-3, 0.1, "train-trial_id=abc_00001")
     assert cfg.run.epochs == spec.base.run.epochs == 4  # everything else is the base's
+    assert spec.base.run.async_checkpoints and not cfg.run.async_checkpoints  # ASHA needs timely reports
     with pytest.raises(ValueError, match=r"model\.split\.sigma: must be a finite number"):
         trial_config(spec.base, {"model.split.sigma": float("nan")}, "abc_00002")
 
