@@ -96,6 +96,8 @@ def embedded_ray_env() -> Iterator[None]:
 class RayRuntime(Runtime):
     """One Ray Train worker: rank and device from the train context, collectives over the process group."""
 
+    _async_upload = True  # run.async_checkpoints
+
     def __init__(self, cfg: TrainConfig) -> None:
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
