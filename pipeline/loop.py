@@ -165,6 +165,11 @@ def fit(cfg: TrainConfig, *, runtime: Runtime | None = None, faults: Faults = NO
         version = _log_final_artifacts(cfg, runtime, state, tracker, console, snapshot)
         if state.step > first_step:  # the final checkpoint carries the model version to Ray
             _save_checkpoint(runtime, state, tracker, window, snapshot, version=version)
+        else:
+            # Resumed at the final step: the final checkpoint was written, but its report may never
+            # have reached the driver (a Tune search cut off just then). Report the result again,
+            # without a checkpoint, so the driver (Tune: the trial's row, its MLflow run) sees it.
+            runtime.report(_result(state, runtime, tracker, window, version=version).as_report())
         runtime.flush_checkpoints()  # written in the background: finished only once it is complete
         status = "FINISHED"
     except BaseException as e:

@@ -205,6 +205,9 @@ class RayRuntime(Runtime):
             shutil.rmtree(staged, ignore_errors=True)
             raise
 
+    def report(self, metrics: dict) -> None:
+        ray.train.report(metrics, checkpoint=None)
+
     def flush_checkpoints(self) -> None:
         """Wait for rank 0's write in flight (Ray raises a failed upload in the training thread)."""
         done, self._in_flight = getattr(self, "_in_flight", None), None

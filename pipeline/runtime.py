@@ -72,6 +72,10 @@ class Runtime:
     def flush_checkpoints(self) -> None:
         """Wait for the checkpoint write in flight, if any; raise its error if it failed."""
 
+    def report(self, metrics: dict) -> None:
+        """Collective: hand the driver a result without a checkpoint (Ray Train: ``ray.train.report``;
+        one process: there is no driver to tell)."""
+
     @property
     def run_dir(self) -> Path | RemotePath:
         """A directory shared by the run's workers (fault-injection markers)."""

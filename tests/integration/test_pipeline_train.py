@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import ray.train
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -113,3 +115,31 @@ def test_worker_failure_resumes_the_same_run_and_a_rerun_extends_it(
     versions = client.search_model_versions("name = 'tiny-resume'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     assert client.get_model_version_by_alias("tiny-resume", "newest").version == "2"
+
+
+class RecordReports(ray.train.UserCallback):
+    """Appends rank 0's metrics of every report the Train controller receives to a JSON-lines file
+    (the controller is another process), as Tune's TuneReportCallback would forward them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({k: v for k, v in metrics[0].items() if isinstance(v, str | int)}) + "\n")
+
+
+def test_a_run_restarted_after_its_final_checkpoint_reports_its_result_again(
+    tmp_path, tiny_shards, mlflow_server, ray_local
+):
+    """A restart that finds the final checkpoint (a Tune search cut off just after a trial wrote it,
+    before the driver saw its report) trains nothing and reports the same final result again: the
+    driver (Tune) gets the step and the MLflow run id, not silence."""
+    cfg = tiny(tmp_path, tiny_shards, mlflow_server, "run.name=restarted-at-the-end", "ray.num_workers=1",
+               "mlflow.register=false", "mlflow.log_model=false")  # fmt: skip
+    first = fit_with_ray(cfg)
+    reports = tmp_path / "reports.jsonl"
+    again = fit_with_ray(cfg, callbacks=[RecordReports(reports)])
+    assert again.step == first.step == cfg.total_steps
+    (report,) = [json.loads(line) for line in reports.read_text().splitlines()]
+    assert report["step"] == cfg.total_steps and report["mlflow_run_id"] == first.mlflow_run_id
