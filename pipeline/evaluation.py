@@ -19,6 +19,7 @@ from torch import Tensor
 
 from flows import FlowModel
 from pipeline.runtime import Runtime
+from pipeline.step import mean_over_test_set
 
 
 @contextlib.contextmanager
@@ -44,19 +45,10 @@ def evaluate_iwbo(
 ) -> tuple[float, int]:
     """IWBO bits/dim with K = ``num_samples`` over every image of every rank's share:
     (sum over images / count, count). ``chunk_size``: images x draws per forward (0 = one batch)."""
-    was_training = flow.training
-    flow.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=runtime.device)
-    try:
-        with seeded_noise(seed * 1_000_003 + runtime.rank, runtime.device):
-            for batch in batches:
-                bound = flow.iwbo_bits_per_dim(
-                    batch.to(runtime.device, non_blocking=True), num_samples, chunk_size=chunk_size or None
-                )
-                total[0] += bound.double().sum()
-                total[1] += bound.numel()
-    finally:
-        flow.train(was_training)
-    total_sum, count = runtime.all_reduce_sum(total).tolist()
-    count = int(round(count))
-    return (total_sum / count if count else float("nan")), count
+    with seeded_noise(seed * 1_000_003 + runtime.rank, runtime.device):
+        return mean_over_test_set(
+            flow,
+            batches,
+            lambda x: flow.iwbo_bits_per_dim(x, num_samples, chunk_size=chunk_size or None),
+            runtime=runtime,
+        )

@@ -135,24 +135,35 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(flow: FlowModel, batches: Iterable[Tensor], *, runtime: Runtime, seed: int) -> tuple[float, int]:
-    """Exact test bits/dim over every image of every rank's share: (sum over images / count, count).
+def mean_over_test_set(
+    flow: FlowModel, batches: Iterable[Tensor], score: Callable[[Tensor], Tensor], *, runtime: Runtime
+) -> tuple[float, int]:
+    """(mean over every image of every rank's share, count) of ``score(batch) -> (B,)``, in eval mode.
 
     Sums and counts are reduced in float64, not per-rank means (ranks may hold different counts).
-    The dequantization noise comes from a generator seeded by (seed, rank), so the number is
-    reproducible for a given checkpoint and world size.
     """
     was_training = flow.training
     flow.eval()
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + runtime.rank)
     total = torch.zeros(2, dtype=torch.float64, device=runtime.device)
     try:
         for batch in batches:
-            bpd = flow.bits_per_dim(batch.to(runtime.device, non_blocking=True), generator=generator)
-            total[0] += bpd.double().sum()
-            total[1] += bpd.numel()
+            values = score(batch.to(runtime.device, non_blocking=True))
+            total[0] += values.double().sum()
+            total[1] += values.numel()
     finally:
         flow.train(was_training)
     total_sum, count = runtime.all_reduce_sum(total).tolist()
     count = int(round(count))
     return (total_sum / count if count else float("nan")), count
+
+
+def evaluate(flow: FlowModel, batches: Iterable[Tensor], *, runtime: Runtime, seed: int) -> tuple[float, int]:
+    """Exact test bits/dim over every image of every rank's share: (sum over images / count, count).
+
+    The dequantization noise comes from a generator seeded by (seed, rank), so the number is
+    reproducible for a given checkpoint and world size.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + runtime.rank)
+    return mean_over_test_set(
+        flow, batches, lambda x: flow.bits_per_dim(x, generator=generator), runtime=runtime
+    )

@@ -105,6 +105,20 @@ class MultiHeadDenseBlock(nn.Module):
         return self.mix(torch.cat([self.attention(x), self.dense(x)], dim=1))
 
 
+def _between_1x1_convs(
+    in_channels: int, mid_channels: int, out_channels: int, blocks: list[nn.Module]
+) -> nn.Sequential:
+    """1x1 conv in -> ``blocks`` (at ``mid_channels``) -> zero-initialised 1x1 conv out: the frame of
+    both of their nets."""
+    net = nn.Sequential(
+        nn.Conv2d(in_channels, mid_channels, kernel_size=1),
+        *blocks,
+        nn.Conv2d(mid_channels, out_channels, kernel_size=1),
+    )
+    _zero_init(net[-1])
+    return net
+
+
 class DenseNet(nn.Module):
     """1x1 conv -> ``num_blocks`` residual dense blocks -> zero-initialised 1x1 conv (their
     ``DenseNet``, used by the dequantizer): (B, C_in, H, W) -> (B, C_out, H, W), zero at init."""
@@ -120,12 +134,8 @@ class DenseNet(nn.Module):
         num_blocks: int = 1,
     ) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, mid_channels, kernel_size=1),
-            *[ResidualDenseBlock(mid_channels, depth=depth, growth=growth) for _ in range(num_blocks)],
-            nn.Conv2d(mid_channels, out_channels, kernel_size=1),
-        )
-        _zero_init(self.net[-1])
+        blocks = [ResidualDenseBlock(mid_channels, depth=depth, growth=growth) for _ in range(num_blocks)]
+        self.net = _between_1x1_convs(in_channels, mid_channels, out_channels, blocks)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -146,12 +156,8 @@ class DenseNetMultihead(nn.Module):
         num_landmarks: int,
     ) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, mid_channels, kernel_size=1),
-            MultiHeadDenseBlock(mid_channels, depth=depth, growth=growth, num_landmarks=num_landmarks),
-            nn.Conv2d(mid_channels, out_channels, kernel_size=1),
-        )
-        _zero_init(self.net[-1])
+        block = MultiHeadDenseBlock(mid_channels, depth=depth, growth=growth, num_landmarks=num_landmarks)
+        self.net = _between_1x1_convs(in_channels, mid_channels, out_channels, [block])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
