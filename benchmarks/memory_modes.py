@@ -7,7 +7,8 @@
 
 Every model is the same Glow (L levels of K steps, EIW split by default, same width, same images); only
 ``memory`` and K differ. One training step is what the training loop does: ``model.advance``,
-dequantize, forward, loss = bits/dim + sigma * regularization(), backward, Adam step.
+dequantize, forward, loss = ``flows.training_loss`` (bits/dim + sigma * regularization()), backward,
+Adam step.
 
 Columns (one run, one table):
 - saved for backward: the bytes of the unique storages autograd keeps between forward and backward
@@ -66,9 +67,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memory import run_child, saved_for_backward_mib, step_peak_mib  # noqa: E402
 
-from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm  # noqa: E402
+from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm, training_loss  # noqa: E402
 from flows.coupling import AffineCoupling  # noqa: E402
 from flows.invertible import reconstruction_error  # noqa: E402
+
+SIGMA = 1e-3  # the trainer's loss.sigma default (pipeline/config.py LossConfig)
 
 MODES = ["standard", "invertible", "checkpoint"]
 
@@ -97,7 +100,7 @@ def make(args: argparse.Namespace, mode: str, steps: int):
     counter = {"step": 0}
 
     def loss() -> torch.Tensor:
-        return model.bits_per_dim(x).mean() + split.sigma * model.regularization()
+        return training_loss(model.bits_per_dim(x), model.regularization(), SIGMA)
 
     def step() -> None:
         model.advance(counter["step"])
@@ -258,13 +261,13 @@ def recipe_depth_model(args: argparse.Namespace):
     t0 = time.perf_counter()
     for step in range(args.drift_train):
         model.advance(step)
-        bpd = model.bits_per_dim(photos(args.drift_train_batch, 64, seed=10**5 + step).to(args.device)).mean()
+        bpd = model.bits_per_dim(photos(args.drift_train_batch, 64, seed=10**5 + step).to(args.device))
         optimizer.zero_grad(set_to_none=True)
-        (bpd + model.cfg.split.sigma * model.regularization()).backward()
+        training_loss(bpd, model.regularization(), SIGMA).backward()
         optimizer.step()
         if step % 25 == 0 or step + 1 == args.drift_train:
             print(
-                f"train step {step + 1}: bits/dim {bpd.item():.3f} ({time.perf_counter() - t0:.0f} s)",
+                f"train step {step + 1}: bits/dim {bpd.mean().item():.3f} ({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
     if state is not None:
@@ -326,7 +329,7 @@ def drift(args: argparse.Namespace) -> None:
             with torch.autocast(args.device, dtype=torch.bfloat16, enabled=amp):
                 bpd = model.bits_per_dim(data, generator=torch.Generator().manual_seed(2))
                 reg = model.regularization()
-            return bpd.float().mean() + model.cfg.split.sigma * reg.float()
+            return training_loss(bpd, reg, SIGMA)
 
         stored[(mode, amp)] = activations_mib(model, loss)
         groups: list[list[torch.Tensor]] = [[] for _ in range(levels)]
@@ -388,7 +391,7 @@ def recipe_memory(args: argparse.Namespace, config: str) -> None:
 
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 with torch.autocast(args.device, dtype=torch.bfloat16, enabled=amp):
-                    loss = model.bits_per_dim(data).float().mean() + model.regularization().float()
+                    loss = training_loss(model.bits_per_dim(data), model.regularization(), 1.0)
             del loss  # the graph goes; nothing is back-propagated
             mib = sum(storages.values()) / 2**20 * per_image
             print(f"| {mode} | {'bf16 autocast' if amp else 'float32'} | {mib:.0f} |", flush=True)
@@ -464,12 +467,12 @@ def paired(args: argparse.Namespace) -> None:
         for name, model in models.items():
             model.advance(step)
             noise = torch.Generator().manual_seed(step)  # the same dequantization noise in every run
-            bpd = model.bits_per_dim(batch, generator=noise).mean()
-            loss = bpd + split.sigma * model.regularization()
+            bpd = model.bits_per_dim(batch, generator=noise)
+            loss = training_loss(bpd, model.regularization(), SIGMA)
             optimizers[name].zero_grad(set_to_none=True)
             loss.backward()
             optimizers[name].step()
-            window[name].append(bpd.item())
+            window[name].append(bpd.mean().item())
         if (step + 1) % every == 0 or step + 1 == args.paired:
             means = {m: statistics.mean(window[m][-every:]) for m in models}
             print(
