@@ -21,7 +21,7 @@ def test_recipe_is_denseflow_published_setting(name: str, k: int, gamma: float) 
     assert (model.base, model.dequantization, model.split_prior) == ("denseflow", "variational", "standard")
     assert model.denseflow.units == (6, 4, 1) and model.denseflow.layers == (5, 6, 20)
     assert model.denseflow.mid_channels == (48, 48, 48) and model.denseflow.growth_rate == 10
-    assert (model.split.strategy, loss.sigma) == ("eiw", 1e-3)
+    assert (model.split.strategy, cfg.loss.sigma) == ("eiw", 1e-3)
     assert cfg.optim.name == "adamax" and cfg.optim.lr == 1e-3 and cfg.optim.warmup_steps == 5000
     assert cfg.optim.decay_per_epoch == gamma and cfg.run.iwbo_samples == k
     assert cfg.data.batch_size * cfg.ray.num_workers == cfg.optim.reference_batch

@@ -66,7 +66,7 @@ def test_a_trial_is_the_base_config_plus_its_values():
     assert (cfg.optim.lr, cfg.loss.sigma, cfg.run.name) == (3e-3, 0.1, "train-trial_id=abc_00001")
     assert cfg.run.epochs == spec.base.run.epochs == 4  # everything else is the base's
     assert spec.base.run.async_checkpoints and not cfg.run.async_checkpoints  # ASHA needs timely reports
-    with pytest.raises(ValueError, match=r"model\.split\.sigma: must be a finite number"):
+    with pytest.raises(ValueError, match=r"loss\.sigma: must be a finite number"):
         trial_config(spec.base, {"loss.sigma": float("nan")}, "abc_00002")
 
 
