@@ -27,15 +27,14 @@ import torch
 from flows import build_flow
 from pipeline.checkpoint import (
     checkpoint_name,
-    cpu_copy,
     list_checkpoints,
     read_newest_intact,
-    rng_state,
-    set_rng_state,
     write_checkpoint,
 )
+from pipeline.checkpoint_writer import cpu_copy
 from pipeline.config import TrainConfig, checkpoint_root, config_to_yaml, migrate_moved_keys
 from pipeline.config_loading import flatten
+from pipeline.rng import rng_state, set_rng_state
 from pipeline.runtime import Runtime
 from pipeline.step import StepResult, lr_factor, make_optimizer
 
