@@ -16,7 +16,7 @@ Their training step (experiments/image/experiment/baseline_flow.py ``train_fn``)
 where ``elbo_bpd`` (denseflow/utils/loss.py ``loglik_bpd``) calls ``model.log_prob(x)`` twice (one
 forward for the loss, one for the scale loss, both graphs are kept for backward). x: long tensors
 with values 0..255 (their ``Quantize`` transform). Ours (pipeline/step.py): ``model.advance(step)``,
-``bits_per_dim(x_uint8).mean() + sigma * regularization()``, one forward.
+``training_loss(bits_per_dim(x_uint8), regularization(), sigma)``, one forward.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from flows import FlowConfig, build_flow, initialize_actnorm
+from flows import FlowConfig, build_flow, initialize_actnorm, training_loss
 from flows.config import DenseFlowConfig, SplitConfig
 
 MIRROR = Path("/work/.mirror/studying910+EIW-Flow/repo")
-SIGMA = 1e-3  # their default weight of the scale loss (denseflow/utils/loss.py) = our split.sigma role
+SIGMA = 1e-3  # their default weight of the scale loss (denseflow/utils/loss.py) = our loss.sigma role
 NAMES = ("authors", "ours-denseflow")
 CHECKPOINT_NAMES = ("authors-ckpt", "ours-denseflow-ckpt")
 
@@ -123,7 +123,7 @@ def build_ours(args: argparse.Namespace, memory: str):
         dequantization="variational",
         split_prior="standard",
         memory=memory,
-        split=SplitConfig(strategy="eiw", sigma=SIGMA),
+        split=SplitConfig(strategy="eiw"),
         denseflow=DenseFlowConfig(
             units=tuple(args.units),
             layers=tuple(args.layers),
@@ -142,7 +142,7 @@ def build_ours(args: argparse.Namespace, memory: str):
     def loss_fn(x_uint8: torch.Tensor) -> torch.Tensor:
         model.advance(step[0])  # as pipeline/loop.py: once per optimizer step, before the forward
         step[0] += 1
-        return model.bits_per_dim(x_uint8).mean() + SIGMA * model.regularization()
+        return training_loss(model.bits_per_dim(x_uint8), model.regularization(), SIGMA)
 
     return model, loss_fn
 

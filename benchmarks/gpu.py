@@ -6,8 +6,8 @@
 The model is configs/imagenet64.yaml's (4 levels, 512 hidden channels, affine coupling, learned top
 prior, EIW split with sigma 1e-3) at reduced depth (``--steps-per-level``, default 8 of the recipe's
 48). One training step is what pipeline/step.py does: ``model.advance(step)``, bits/dim under the
-precision's autocast, loss = mean bits/dim + sigma * ``model.regularization()`` (in float32),
-backward, gradient clipping at 50, an Adamax step. Three precisions:
+precision's autocast, loss = ``flows.training_loss`` (mean bits/dim + sigma *
+``model.regularization()``, in float32), backward, gradient clipping at 50, an Adamax step. Three precisions:
 
 - ``fp32``: float32 with TF32 off for convolutions and matmuls (IEEE float32, the reference).
 - ``tf32``: float32 with TF32 on for both.
@@ -49,7 +49,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows import FlowConfig, FlowModel, SplitConfig, build_flow, initialize_actnorm  # noqa: E402
+from flows import FlowConfig, FlowModel, SplitConfig, build_flow, initialize_actnorm, training_loss  # noqa: E402
+
+SIGMA = 1e-3  # the trainer's loss.sigma default (pipeline/config.py LossConfig)
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 RECIPE_STEPS_PER_LEVEL = 48
@@ -68,7 +70,7 @@ def imagenet64_model(
         hidden_channels=hidden,
         coupling="affine",
         learn_top_prior=True,
-        split=SplitConfig(strategy="eiw", sigma=1.0e-3),
+        split=SplitConfig(strategy="eiw"),
     )
 
 
@@ -168,7 +170,7 @@ class Trainer:
         with precision(mode, batch.device):
             bpd = self.model.bits_per_dim(batch)
             reg = self.model.regularization()
-        loss = bpd.float().mean() + self.model.cfg.split.sigma * reg.float()
+        loss = training_loss(bpd, reg, SIGMA)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM)
         value = loss.item()  # synchronises the device

@@ -110,7 +110,7 @@ def segment(tracker, state, cfg: TrainConfig, args, start_step: int) -> dict[str
         step = i + 1
         if tracker is not None and step % args.log_every == 0:
             t0, c0 = time.perf_counter(), time.thread_time()
-            # What pipeline.loop._log_window does on rank 0.
+            # What pipeline.loop.Trainer.log_window does on rank 0.
             metrics, _ = window.close(step, lr=scheduler.get_last_lr()[0], skipped_total=0)
             metrics |= {f"diag/{k}": v for k, v in flow.split_diagnostics().items()}
             tracker.record_order(step, flow.kept_shares())

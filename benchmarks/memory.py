@@ -59,6 +59,11 @@ def step_peak_mib(step: Callable[[], None], device: str) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**20
 
 
+def activations_mib(model: torch.nn.Module, loss_fn) -> float:
+    """Like ``saved_for_backward_mib`` but without the parameters' storages (they exist anyway)."""
+    return saved_for_backward_mib(loss_fn, exclude_parameters_of=model)
+
+
 def run_child(script: str, argv: list[str]) -> dict[str, float]:
     """Run ``script argv`` in a fresh Python process; its last stdout line is a JSON dict of results."""
     out = subprocess.run([sys.executable, script, *argv], check=True, capture_output=True, text=True).stdout

@@ -4,7 +4,7 @@
 
 All variants are the same Glow (L levels of K steps, same width, same images); only the split strategy
 differs. One training step is what the training loop does: ``model.advance``, dequantize,
-forward, loss = bits/dim + sigma * regularization(), backward, Adam step. Variants:
+forward, loss = ``flows.training_loss`` (bits/dim + sigma * regularization()), backward, Adam step. Variants:
 - static: Glow's split (the reference); static-again: a second, identical static model (noise floor);
 - eiw: the authors' Shuffle, unfrozen (the permutation is recomputed from the generator every step,
   the SE head reads the permuted features and its regulariser back-propagates into the flow);
@@ -39,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memory import run_child, saved_for_backward_mib, step_peak_mib  # noqa: E402
 
-from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm  # noqa: E402
+from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm, training_loss  # noqa: E402
+
+SIGMA = 1e-3  # the trainer's loss.sigma default (pipeline/config.py LossConfig)
 
 # static-again: a second static model, timed like the others: its ratio shows the noise floor.
 VARIANTS = ["static", "static-again", "eiw", "eiw-hysteresis", "lcma-measuring", "lcma-frozen"]
@@ -73,7 +75,7 @@ def make(args: argparse.Namespace, variant: str):
 
     def step() -> None:
         model.advance(counter["step"])
-        loss = model.bits_per_dim(x).mean() + split.sigma * model.regularization()
+        loss = training_loss(model.bits_per_dim(x), model.regularization(), SIGMA)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -120,7 +122,9 @@ def peak_memory_child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model, x, step = make(args, args.child)
     step()  # warm-up: optimizer state and allocator caches exist from here on
-    saved = saved_for_backward_mib(lambda: model.bits_per_dim(x).mean() + 1e-3 * model.regularization())
+    saved = saved_for_backward_mib(
+        lambda: training_loss(model.bits_per_dim(x), model.regularization(), SIGMA)
+    )
     model.zero_grad(set_to_none=True)
     peak = step_peak_mib(step, args.device)
     print(json.dumps({"peak_mib": peak, "saved_mib": saved}))

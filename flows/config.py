@@ -35,8 +35,6 @@ class SplitConfig:
 
     strategy: "static" (Glow), "static_swapped" (static, halves exchanged: a control), "eiw" (EIW-Flow
         Shuffle) or "lcma" (likelihood contribution based).
-    sigma: weight of the Shuffle regulariser in the training loss, read by the trainer:
-        loss = bits_per_dim.mean() + sigma * model.regularization(). Unused by other strategies.
     regularizer: "reference" (sum_j w_j (log w_j - mean_b s_bj): the authors' KLDivLoss(batchmean)(s, w))
         or "kl" (KL(w || normalised mean_b s_b)).
     generator: "count" (authors: the scalar channel count through a bias-free MLP) or "code" (a learned
@@ -46,8 +44,8 @@ class SplitConfig:
     se_activation: "softmax" over channels (authors) or "sigmoid".
     se_input: "permuted" (authors: the sorted tensor, paired with w by index) or "aligned" (the input
         before the sort, so s_j and w_j belong to the same channel).
-    se_detach: feed the SE head a detached tensor (then sigma * R never reaches the flow's features,
-        and with Adam sigma has almost no effect). The authors do not detach.
+    se_detach: feed the SE head a detached tensor (then the trainer's sigma * R never reaches the flow's
+        features, and with Adam sigma has almost no effect). The authors do not detach.
     se_bias: biases in the SE head (the authors' has none).
     freeze_after_steps: fix the EIW permutation once this many optimizer steps are done; null never.
     stabilizer: "none" (authors: re-sort every step), "ema" (sort an EMA of the logits) or
@@ -60,7 +58,6 @@ class SplitConfig:
     """
 
     strategy: str = "static"
-    sigma: float = 1e-3
     regularizer: str = "reference"
     generator: str = "count"
     generator_hidden: int | None = None
@@ -81,8 +78,6 @@ class SplitConfig:
         for name, choices in _SPLIT_CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}: unknown {getattr(self, name)!r}; choose one of {choices}")
-        if not 0.0 <= self.sigma < math.inf:
-            raise ValueError(f"sigma: must be a finite number >= 0, got {self.sigma}")
         if self.freeze_after_steps is not None and self.freeze_after_steps < 0:
             raise ValueError(f"freeze_after_steps: must be >= 0 or null, got {self.freeze_after_steps}")
         if self.se_reduction < 1:

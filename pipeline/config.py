@@ -15,6 +15,7 @@ drivers) run in other directories. The resolved ``TrainConfig`` object itself tr
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Mapping
@@ -88,7 +89,7 @@ class DataConfig(ConfigModel):
 class OptimConfig(ConfigModel):
     """Adam or Adamax; linear warm-up, then ``decay_per_epoch ** epoch`` (DenseFlow uses 0.95).
 
-    The regulariser weight is the model's: loss = bits/dim + model.split.sigma * regularizer.
+    The regulariser weight is a loss setting: ``loss.sigma`` (``LossConfig``).
 
     ``reference_batch``: the global batch (``data.batch_size x ray.num_workers``) that ``lr`` was
     chosen for, i.e. the recipe's; null = no check. When a run's global batch B differs from it the
@@ -124,6 +125,58 @@ class OptimConfig(ConfigModel):
             return self.lr
         ratio = global_batch / self.reference_batch
         return self.lr * (ratio if self.lr_scaling == "linear" else ratio**0.5)
+
+
+class LossConfig(ConfigModel):
+    """What the trainer minimises: ``flows.training_loss`` = mean bits/dim + ``sigma`` x the split
+    strategy's regulariser (``model.regularization()``; 0 for static splits and LCMA).
+
+    ``sigma`` is a training setting, not a model one: the model section describes the flow (what its
+    parameters mean), this one what the trainer reads, so it may change on resume. Its default is the
+    EIW authors' ``--sigma`` (studying910/EIW-Flow). Formerly ``model.split.sigma`` (still read, with
+    a deprecation warning).
+    """
+
+    sigma: float = Field(1e-3, ge=0, allow_inf_nan=False)
+
+
+# Keys moved out of the model section: old YAML, overrides, tune spaces and checkpoints' saved configs
+# still carry them. old dotted key -> new dotted key.
+MOVED_KEYS = {"model.split.sigma": "loss.sigma"}
+
+
+def _pop_dotted(data: dict, dotted: str) -> tuple[bool, Any]:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and leaf in node:
+        return True, node.pop(leaf)
+    return False, None
+
+
+def migrate_moved_keys(data: Any, *, warn: bool = True) -> Any:
+    """A config dict with every ``MOVED_KEYS`` old key moved to its new one (a copy; a
+    ``FutureWarning`` naming the new key when ``warn``). ValueError when both are given and differ."""
+    if not isinstance(data, dict):
+        return data
+    data = copy.deepcopy(data)
+    for old, new in MOVED_KEYS.items():
+        found, value = _pop_dotted(data, old)
+        if not found:
+            continue
+        if warn:
+            warnings.warn(f"{old} is deprecated: it is now {new}; write {new}", FutureWarning, stacklevel=2)
+        section, leaf = new.rsplit(".", 1)
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            continue  # the section itself is malformed: validation names it
+        if leaf in target and target[leaf] != value:
+            raise ValueError(
+                f"{old} ({value}) and {new} ({target[leaf]}) are both given and differ; keep only {new}"
+            )
+        target[leaf] = value
+    return data
 
 
 class RunConfig(ConfigModel):
@@ -239,9 +292,15 @@ class TrainConfig(ConfigModel):
     model: FlowConfig = Field(default_factory=_default_model)
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
     run: RunConfig = RunConfig()
     mlflow: MlflowConfig = MlflowConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        return migrate_moved_keys(data)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -283,7 +342,10 @@ class _FlowConfigFile(ConfigModel):
 def flow_config_from_dict(data: Any, *, source: str = "") -> FlowConfig:
     """A plain dict (a logged model's ``flow_config.json``) -> ``FlowConfig``, checked like an
     experiment's model section: an unknown key or bad value is a ValueError naming ``model.<field>``."""
-    return validate(_FlowConfigFile, {"model": data}, source=source).model
+    # A model logged before sigma moved to the loss section carries split.sigma: not a model setting.
+    data = migrate_moved_keys({"model": data}, warn=False)
+    data.pop("loss", None)
+    return validate(_FlowConfigFile, data, source=source).model
 
 
 def load_config(path: str | os.PathLike | None, overrides: Overrides = ()) -> TrainConfig:

@@ -1,5 +1,8 @@
 """The plain training loop ``fit``, read top to bottom (the step math is in pipeline/step.py).
 
+``fit`` builds the run's collaborators once (``Trainer``: state, runtime, tracker, console, metric
+window) and reads top to bottom: train a step; ``should_log``, ``should_eval``, ``should_checkpoint``.
+
 ``fit(cfg)`` runs in one process with no Ray (``LocalRuntime``); the Ray Train adapter calls the same
 ``fit`` on every worker with a ``RayRuntime`` (pipeline/ray_adapter.py). Nothing here imports Ray or
 ``torch.distributed``: the runtime provides rank, device, collectives and checkpoint storage.
@@ -17,36 +20,33 @@ from __future__ import annotations
 import logging
 import math
 import random
-import sys
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
+from torch import Tensor, nn
 
 from flows import initialize_actnorm
-from pipeline.checkpoint import checkpoint_name, write_checkpoint
-from pipeline.config import TrainConfig, checkpoint_root, config_to_yaml
+from pipeline.checkpoint import checkpoint_name
+from pipeline.config import TrainConfig, checkpoint_root
 from pipeline.config_loading import flatten
+from pipeline.console import Console
 from pipeline.data import make_eval_loader, make_train_loader, train_batches
 from pipeline.evaluation import evaluate_iwbo, seeded_noise
 from pipeline.faults import NO_FAULTS, Faults
-from pipeline.lineage import GIT_COMMITS_TAG, code_tags, code_version, model_metadata, shard_datasets
+from pipeline.final_artifacts import FINAL_STEP_TAG, MODEL_VERSION_TAG, log_final_artifacts
+from pipeline.lineage import GIT_COMMITS_TAG, code_tags, code_version, shard_datasets
 from pipeline.metric_window import MetricWindow
 from pipeline.runtime import LocalRuntime, Runtime
-from pipeline.sampling import grid_images, sample_grids, save_grids
-from pipeline.step import TrainingObjective, evaluate, train_step
+from pipeline.sampling import grid_images, sample_grids
+from pipeline.step import StepResult, TrainingObjective, evaluate, train_step
 from pipeline.tracking import Tracker
 from pipeline.train_state import NonFiniteLossError, TrainState
 
-__all__ = ["FINAL_STEP_TAG", "MODEL_VERSION_TAG", "FitResult", "NonFiniteLossError", "fit"]
+__all__ = ["FINAL_STEP_TAG", "MODEL_VERSION_TAG", "FitResult", "NonFiniteLossError", "Trainer", "fit"]
 
 log = logging.getLogger(__name__)
 
-MODEL_VERSION_TAG = "pipeline.model_version"
-FINAL_STEP_TAG = "pipeline.final_step"  # the step whose model was logged: a re-run does not log it twice
 DIAGNOSTICS_PREFIX = "diag/"
 MEMORY_PREFIX = "memory/"
 REBUILD_ERROR_WARNING = 1e-2  # docs/model.md, "Memory modes": above it, use memory: checkpoint
@@ -122,93 +122,185 @@ def fit(cfg: TrainConfig, *, runtime: Runtime | None = None, faults: Faults = NO
     if state.resumed_from is None and runtime.is_main:
         loader.set_epoch(0)
         initialize_actnorm(state.flow, next(iter(loader)).to(runtime.device))
-    objective = runtime.wrap(TrainingObjective(state.flow))
-    tracker = _start_tracking(cfg, runtime, state)
-
-    total, per_epoch, first_step = cfg.total_steps, cfg.data.batches_per_epoch, state.step
-    console = Console(cfg, runtime, initial=state.step)
-    window = MetricWindow(
-        images_per_step=cfg.data.batch_size * runtime.world_size,
-        first_window_steps=cfg.run.log_every,
-        workers=runtime.world_size,
+    trainer = Trainer(
+        cfg=cfg,
+        runtime=runtime,
+        state=state,
+        objective=runtime.wrap(TrainingObjective(state.flow)),
+        tracker=start_tracking(cfg, runtime, state),
+        console=Console(cfg, runtime, initial=state.step),
+        window=MetricWindow(
+            images_per_step=cfg.data.batch_size * runtime.world_size,
+            first_window_steps=cfg.run.log_every,
+            workers=runtime.world_size,
+        ),
+        faults=faults,
     )
+    total, per_epoch, first_step = cfg.total_steps, cfg.data.batches_per_epoch, state.step
     status, version = "FAILED", None
     try:
         for batch in train_batches(loader, start=state.step, total=total, per_epoch=per_epoch):
-            faults.before_step(state.step + 1, runtime)
-            state.flow.advance(state.step)
-            result = train_step(
-                objective,
-                batch.to(runtime.device, non_blocking=True),
-                state.optimizer,
-                state.scheduler,
-                cfg=cfg,
-                runtime=runtime,
-                poison=faults.poisons(state.step + 1),
-            )
-            state.count(result, checkpoint_dir=runtime.run_dir)
-            window.add(result)
-            console.advance()
+            trainer.train_step(batch)
             step = state.step
-
-            if step % cfg.run.log_every == 0 or step == total:
-                _log_window(cfg, runtime, state, tracker, console, window)
-            if step == total or (
-                step % per_epoch == 0 and (step // per_epoch) % cfg.run.eval_every_epochs == 0
-            ):
-                state.test_bits_per_dim = _evaluate_and_sample(cfg, runtime, state, tracker, console)
-                window.restart_clock()
-            if step % cfg.run.checkpoint_every == 0 and step < total:
-                _save_checkpoint(runtime, state, tracker, window, state.snapshot(runtime))
+            if trainer.should_log(step):
+                trainer.log_window()
+            if trainer.should_eval(step):
+                trainer.evaluate_and_sample()
+            if trainer.should_checkpoint(step):
+                trainer.save_checkpoint(state.snapshot(runtime))
 
         snapshot = state.snapshot(runtime)  # collective, so taken on every rank
-        version = _log_final_artifacts(cfg, runtime, state, tracker, console, snapshot)
+        version = log_final_artifacts(cfg, runtime, state, trainer.tracker, trainer.console, snapshot)
         if state.step > first_step:  # the final checkpoint carries the model version to Ray
-            _save_checkpoint(runtime, state, tracker, window, snapshot, version=version)
+            trainer.save_checkpoint(snapshot, version=version)
         else:
             # Resumed at the final step: the final checkpoint was written, but its report may never
             # have reached the driver (a Tune search cut off just then). Report the result again,
             # without a checkpoint, so the driver (Tune: the trial's row, its MLflow run) sees it.
-            runtime.report(_result(state, runtime, tracker, window, version=version).as_report())
+            runtime.report(trainer.result(version=version).as_report())
         runtime.flush_checkpoints()  # written in the background: finished only once it is complete
         status = "FINISHED"
     except BaseException as e:
-        tracker.set_tags({"pipeline.failure": f"{type(e).__name__}: {e}"[:5000]})
+        trainer.tracker.set_tags({"pipeline.failure": f"{type(e).__name__}: {e}"[:5000]})
         try:  # complete the last checkpoint taken, so that a resume starts from it
             runtime.flush_checkpoints()
         except Exception:  # noqa: BLE001 - the first failure is the one to report
             log.exception("the last checkpoint could not be written either")
         raise
     finally:
-        console.close()
-        tracker.end(status)
-    return _result(state, runtime, tracker, window, version=version)
+        trainer.console.close()
+        trainer.tracker.end(status)
+    return trainer.result(version=version)
 
 
-# ------------------------------------------------------------------------------------ helpers
-class Console:
-    """Rank 0's progress: a tqdm bar on a terminal (or with ``run.progress_bar: true``), log lines."""
+# ------------------------------------------------------------------------------------- Trainer
+@dataclass(kw_only=True)
+class Trainer:
+    """The collaborators of one run, held once, and the cadence that ``fit`` reads top to bottom.
 
-    def __init__(self, cfg: TrainConfig, runtime: Runtime, *, initial: int) -> None:
-        self.is_main = runtime.is_main
-        wanted = cfg.run.progress_bar is True or (cfg.run.progress_bar == "auto" and sys.stderr.isatty())
-        self.bar = tqdm(
-            total=cfg.total_steps, initial=initial, disable=not (self.is_main and wanted), unit="step",
-            dynamic_ncols=True,
-        )  # fmt: skip
+    Each ``should_*`` names one "when" (a function of the step alone, so every rank decides alike).
+    Extending the loop: a per-step transform (compile, gradient accumulation, an EMA update) goes
+    into ``train_step``; state a restart must carry goes into ``TrainState.snapshot`` and ``resume``
+    (pipeline/train_state.py, ``RESUME_KEYS`` in pipeline/checkpoint.py).
+    """
 
-    def advance(self) -> None:
-        self.bar.update(1)
+    cfg: TrainConfig
+    runtime: Runtime
+    state: TrainState
+    objective: nn.Module  # the flow's TrainingObjective, wrapped by the runtime (DDP under Ray)
+    tracker: Tracker
+    console: Console
+    window: MetricWindow
+    faults: Faults = NO_FAULTS
 
-    def say(self, text: str) -> None:
-        if self.is_main:
-            (log.info if self.bar.disable else self.bar.write)(text)
+    # --------------------------------------------------------------------------------- cadence
+    def should_log(self, step: int) -> bool:
+        return step % self.cfg.run.log_every == 0 or step == self.cfg.total_steps
 
-    def close(self) -> None:
-        self.bar.close()
+    def should_eval(self, step: int) -> bool:
+        """After every ``run.eval_every_epochs``-th epoch, and after the last step."""
+        per_epoch = self.cfg.data.batches_per_epoch
+        at_epoch_end = step % per_epoch == 0 and (step // per_epoch) % self.cfg.run.eval_every_epochs == 0
+        return at_epoch_end or step == self.cfg.total_steps
+
+    def should_checkpoint(self, step: int) -> bool:
+        """Every ``run.checkpoint_every`` steps; the final one is ``fit``'s, after the final artifacts."""
+        return step % self.cfg.run.checkpoint_every == 0 and step < self.cfg.total_steps
+
+    # ------------------------------------------------------------------------------------ work
+    def train_step(self, batch: Tensor) -> StepResult:
+        """One optimizer step on a uint8 batch (B, C, H, W), counted and added to the metric window."""
+        state, runtime = self.state, self.runtime
+        self.faults.before_step(state.step + 1, runtime)
+        state.flow.advance(state.step)
+        result = train_step(
+            self.objective,
+            batch.to(runtime.device, non_blocking=True),
+            state.optimizer,
+            state.scheduler,
+            cfg=self.cfg,
+            runtime=runtime,
+            poison=self.faults.poisons(state.step + 1),
+        )
+        state.count(result, checkpoint_dir=runtime.run_dir)
+        self.window.add(result)
+        self.console.advance()
+        return result
+
+    def log_window(self) -> None:
+        """Close the metric window: its means (and, on rank 0, the split diagnostics) to MLflow now, the
+        split order to the order picture's history, a log line."""
+        state, console = self.state, self.console
+        lr = state.scheduler.get_last_lr()[0]
+        metrics, text = self.window.close(state.step, lr=lr, skipped_total=state.skipped_steps)
+        if self.runtime.is_main:
+            metrics |= {f"{DIAGNOSTICS_PREFIX}{k}": v for k, v in state.flow.split_diagnostics().items()}
+            # Invertible memory's drift (docs/model.md, "Memory modes"); empty in the other modes.
+            memory = state.flow.memory_diagnostics()
+            metrics |= {f"{MEMORY_PREFIX}{k}": v for k, v in memory.items()}
+            worst = max(memory.values(), default=0.0)
+            if worst > REBUILD_ERROR_WARNING:
+                console.say(
+                    f"step {state.step}: invertible memory rebuilt a level input {worst:.2e} off (above "
+                    f"{REBUILD_ERROR_WARNING:g}); gradients drift: consider model.memory=checkpoint"
+                )
+            self.tracker.record_order(state.step, state.flow.kept_shares())
+        self.tracker.log_metrics(state.step, metrics)
+        console.say(f"step {state.step}/{self.cfg.total_steps} | {text}")
+
+    def evaluate_and_sample(self) -> None:
+        """Exact test bits/dim over the whole test split (every rank takes part) into
+        ``state.test_bits_per_dim``; rank 0 then logs sample grids as stepped images (the UI's slider),
+        except after the last step, whose grids come with the final artifacts."""
+        cfg, runtime, state, tracker, console = self.cfg, self.runtime, self.state, self.tracker, self.console
+        test_loader = make_eval_loader(cfg.data, rank=runtime.rank, world_size=runtime.world_size)
+        with seeded_noise(cfg.run.seed * 1_000_003 + runtime.rank, runtime.device):  # DenseFlow's, q(u|x)'s
+            bpd, count = evaluate(state.flow, test_loader, runtime=runtime, seed=cfg.run.seed)
+        tracker.log_metrics(state.step, {"test/bits_per_dim": bpd})
+        console.say(f"step {state.step}/{cfg.total_steps} | test bits/dim {bpd:.4f} over {count} images")
+        if cfg.run.iwbo_samples and state.step == cfg.total_steps:
+            k = cfg.run.iwbo_samples
+            iwbo, _ = evaluate_iwbo(
+                state.flow,
+                make_eval_loader(cfg.data, rank=runtime.rank, world_size=runtime.world_size),
+                runtime=runtime,
+                seed=cfg.run.seed,
+                num_samples=k,
+                chunk_size=cfg.run.iwbo_chunk or cfg.data.eval_batch_size,
+            )
+            tracker.log_metrics(state.step, {"test/iwbo_bits_per_dim": iwbo})
+            console.say(f"step {state.step}/{cfg.total_steps} | test IWBO bits/dim (K = {k}) {iwbo:.4f}")
+        if runtime.is_main and state.step != cfg.total_steps:
+            grids = sample_grids(
+                state.flow, cfg.run.sample_temperatures, num=cfg.run.num_samples, seed=cfg.run.seed
+            )
+            tracker.log_images(state.step, grid_images(grids))
+        state.test_bits_per_dim = bpd
+        self.window.restart_clock()
+
+    def save_checkpoint(self, snapshot: dict, *, version: str | None = None) -> None:
+        """Collective. Returns once the checkpoint is durable. Rank 0 then waits for the metrics queued so
+        far and rewrites the order history artifact, which a restart from this checkpoint reads back."""
+        self.state.save(self.runtime, snapshot, metrics=self.result(version=version).as_report())
+        self.tracker.wait()
+        self.tracker.save_order()
+        self.window.restart_clock()
+
+    def result(self, *, version: str | None = None) -> FitResult:
+        state = self.state
+        return FitResult(
+            step=state.step,
+            test_bits_per_dim=state.test_bits_per_dim,
+            mlflow_run_id=self.tracker.run_id,
+            model_version=version,
+            images_per_s=self.window.images_per_s,
+            skipped_steps=state.skipped_steps,
+            diagnostics=state.flow.split_diagnostics(),
+            checkpoint_path=str(self.runtime.run_dir / checkpoint_name(state.step)),
+        )
 
 
-def _start_tracking(cfg: TrainConfig, runtime: Runtime, state: TrainState) -> Tracker:
+def start_tracking(cfg: TrainConfig, runtime: Runtime, state: TrainState) -> Tracker:
     """Open (rank 0) or reopen the run's MLflow run, its id going into every checkpoint; record the
     code (git commit, dirty flag, image) and the train and test shards (dataset inputs) it uses."""
     tracker = Tracker(cfg.mlflow, active=runtime.is_main, run_root=cfg.run.root)
@@ -228,159 +320,3 @@ def _start_tracking(cfg: TrainConfig, runtime: Runtime, state: TrainState) -> Tr
         tracker.set_tags(code_tags(code_version(), previous_commits=tracker.get_tag(GIT_COMMITS_TAG)))
         tracker.log_datasets(shard_datasets(cfg.data.root))
     return tracker
-
-
-def _log_window(
-    cfg: TrainConfig,
-    runtime: Runtime,
-    state: TrainState,
-    tracker: Tracker,
-    console: Console,
-    window: MetricWindow,
-) -> None:
-    """Close the metric window: its means (and, on rank 0, the split diagnostics) to MLflow now, the
-    split order to the order picture's history, a log line."""
-    lr = state.scheduler.get_last_lr()[0]
-    metrics, text = window.close(state.step, lr=lr, skipped_total=state.skipped_steps)
-    if runtime.is_main:
-        metrics |= {f"{DIAGNOSTICS_PREFIX}{k}": v for k, v in state.flow.split_diagnostics().items()}
-        # Invertible memory's drift (docs/model.md, "Memory modes"); empty in the other modes.
-        memory = state.flow.memory_diagnostics()
-        metrics |= {f"{MEMORY_PREFIX}{k}": v for k, v in memory.items()}
-        worst = max(memory.values(), default=0.0)
-        if worst > REBUILD_ERROR_WARNING:
-            console.say(
-                f"step {state.step}: invertible memory rebuilt a level input {worst:.2e} off (above "
-                f"{REBUILD_ERROR_WARNING:g}); gradients drift: consider model.memory=checkpoint"
-            )
-        tracker.record_order(state.step, state.flow.kept_shares())
-    tracker.log_metrics(state.step, metrics)
-    console.say(f"step {state.step}/{cfg.total_steps} | {text}")
-
-
-def _save_checkpoint(
-    runtime: Runtime,
-    state: TrainState,
-    tracker: Tracker,
-    window: MetricWindow,
-    snapshot: dict,
-    *,
-    version: str | None = None,
-) -> None:
-    """Collective. Returns once the checkpoint is durable. Rank 0 then waits for the metrics queued so
-    far and rewrites the order history artifact, which a restart from this checkpoint reads back."""
-    report = _result(state, runtime, tracker, window, version=version).as_report()
-    state.save(runtime, snapshot, metrics=report)
-    tracker.wait()
-    tracker.save_order()
-    window.restart_clock()
-
-
-def _result(
-    state: TrainState, runtime: Runtime, tracker: Tracker, window: MetricWindow, *, version: str | None = None
-) -> FitResult:
-    return FitResult(
-        step=state.step,
-        test_bits_per_dim=state.test_bits_per_dim,
-        mlflow_run_id=tracker.run_id,
-        model_version=version,
-        images_per_s=window.images_per_s,
-        skipped_steps=state.skipped_steps,
-        diagnostics=state.flow.split_diagnostics(),
-        checkpoint_path=str(runtime.run_dir / checkpoint_name(state.step)),
-    )
-
-
-def _evaluate_and_sample(
-    cfg: TrainConfig, runtime: Runtime, state: TrainState, tracker: Tracker, console: Console
-) -> float:
-    """Exact test bits/dim over the whole test split (every rank takes part); rank 0 then logs sample
-    grids as stepped images (the UI's slider), except after the last step, whose grids come with the
-    final artifacts."""
-    test_loader = make_eval_loader(cfg.data, rank=runtime.rank, world_size=runtime.world_size)
-    with seeded_noise(cfg.run.seed * 1_000_003 + runtime.rank, runtime.device):  # DenseFlow's, q(u|x)'s
-        bpd, count = evaluate(state.flow, test_loader, runtime=runtime, seed=cfg.run.seed)
-    tracker.log_metrics(state.step, {"test/bits_per_dim": bpd})
-    console.say(f"step {state.step}/{cfg.total_steps} | test bits/dim {bpd:.4f} over {count} images")
-    if cfg.run.iwbo_samples and state.step == cfg.total_steps:
-        k = cfg.run.iwbo_samples
-        iwbo, _ = evaluate_iwbo(
-            state.flow,
-            make_eval_loader(cfg.data, rank=runtime.rank, world_size=runtime.world_size),
-            runtime=runtime,
-            seed=cfg.run.seed,
-            num_samples=k,
-            chunk_size=cfg.run.iwbo_chunk or cfg.data.eval_batch_size,
-        )
-        tracker.log_metrics(state.step, {"test/iwbo_bits_per_dim": iwbo})
-        console.say(f"step {state.step}/{cfg.total_steps} | test IWBO bits/dim (K = {k}) {iwbo:.4f}")
-    if runtime.is_main and state.step != cfg.total_steps:
-        grids = sample_grids(
-            state.flow, cfg.run.sample_temperatures, num=cfg.run.num_samples, seed=cfg.run.seed
-        )
-        tracker.log_images(state.step, grid_images(grids))
-    return bpd
-
-
-def _log_final_artifacts(
-    cfg: TrainConfig, runtime: Runtime, state: TrainState, tracker: Tracker, console: Console, snapshot: dict
-) -> str | None:
-    """Rank 0, once per run: config, final samples (stepped images and files), the order picture,
-    the checkpoint (``mlflow.log_checkpoint``), the model with its lineage, its registration.
-
-    Returns the registered model version (None when not registering, and on other ranks). A run that
-    already logged its final step (``FINAL_STEP_TAG``) logs nothing again.
-    """
-    from pipeline.registry import log_flow_model, register
-
-    if not runtime.is_main:
-        return None
-    step = state.step
-    if tracker.get_tag(FINAL_STEP_TAG) == str(step):
-        version = tracker.get_tag(MODEL_VERSION_TAG)
-        console.say(f"step {step}: the final model was logged before (version {version}); not again")
-        return version
-    with tempfile.TemporaryDirectory(prefix="eiw-final-") as tmp:
-        config_path = Path(tmp) / "config.yaml"
-        config_path.write_text(config_to_yaml(cfg), encoding="utf-8")
-        tracker.log_artifacts([config_path])
-        grids = sample_grids(
-            state.flow, cfg.run.sample_temperatures, num=cfg.run.num_samples, seed=cfg.run.seed
-        )
-        tracker.log_images(step, grid_images(grids))
-        tracker.log_artifacts(save_grids(grids, Path(tmp) / "samples", step=step), "samples")
-        tracker.log_order_picture(title=f"{cfg.run.name}: {cfg.model.split.strategy} split order")
-        if _log_checkpoint(cfg, snapshot):
-            final = write_checkpoint(Path(tmp) / checkpoint_name(step), snapshot, config_to_yaml(cfg))
-            tracker.log_large_artifacts([final], f"checkpoint/{final.name}")
-    version = None
-    if cfg.mlflow.log_model:
-        lineage = model_metadata(cfg.model_dump(mode="json"), code_version(), shard_datasets(cfg.data.root))
-        model_uri = log_flow_model(state.flow, test_bpd=state.test_bits_per_dim, lineage=lineage)
-        if cfg.mlflow.register:
-            registered = register(
-                model_uri, cfg=cfg.mlflow, test_bpd=state.test_bits_per_dim, run_id=tracker.run_id
-            )
-            version = str(registered.version)
-            tracker.set_tags({MODEL_VERSION_TAG: version})
-    tracker.set_tags({FINAL_STEP_TAG: str(step)})
-    return version
-
-
-def _log_checkpoint(cfg: TrainConfig, snapshot: dict) -> bool:
-    """``mlflow.log_checkpoint``, with ``auto``: only while weights + optimizer state fit in
-    ``mlflow.log_checkpoint_max_mb`` (Ray Train's storage keeps every checkpoint regardless)."""
-    if isinstance(cfg.mlflow.log_checkpoint, bool):
-        return cfg.mlflow.log_checkpoint
-    size = _tensor_bytes([snapshot["model"], snapshot["optimizer"]])
-    return size <= cfg.mlflow.log_checkpoint_max_mb * 2**20
-
-
-def _tensor_bytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0

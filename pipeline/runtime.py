@@ -6,7 +6,7 @@ checkpoints in a local directory or an object-storage prefix (``s3://bucket/...`
 ``pipeline.ray_adapter.RayRuntime`` is a Ray Train worker.
 
 Checkpoints are written off the critical path: ``save_checkpoint`` gets a writer for a state the
-caller has already copied to CPU (``pipeline.checkpoint.cpu_copy``), starts it in a background thread
+caller has already copied to CPU (``pipeline.checkpoint_writer.cpu_copy``), starts it in a background thread
 (at most one in flight) and returns; ``flush_checkpoints`` waits for it (the loop calls it at the end
 of a run, also a failed one, so the last checkpoint taken is complete before anyone resumes).
 """
@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from data_prep.storage import RemotePath
-from pipeline.checkpoint import CheckpointWriter, run_checkpoints
+from pipeline.checkpoint import run_checkpoints
+from pipeline.checkpoint_writer import CheckpointWriter
 
 
 def default_device() -> torch.device:

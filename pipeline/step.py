@@ -1,7 +1,8 @@
 """One optimisation step and the exact evaluation: the math of training, torch and flows only.
 
 No Ray, MLflow or data loading here (benchmarks/train.py runs these on a machine with only torch).
-Loss: mean bits/dim + model.split.sigma * regularizer (the split strategy's; 0 for static splits).
+Loss: ``flows.training_loss``, mean bits/dim + loss.sigma * regularizer (the split strategy's; 0 for
+static splits).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from flows import FlowModel
+from flows import FlowModel, training_loss
 from pipeline.config import TrainConfig
 from pipeline.runtime import Runtime
 
@@ -113,8 +114,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     with autocast_for(cfg, runtime.device):
         bpd, reg = objective(batch)
-    bpd_mean, reg = bpd.float().mean(), reg.float()
-    loss = bpd_mean + cfg.model.split.sigma * reg
+    loss = training_loss(bpd, reg, cfg.loss.sigma)
     if poison:
         loss = loss * float("nan")
     loss.backward()
@@ -122,9 +122,9 @@ def train_step(
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip_norm)
     # Every rank must take the same decision; the gradient norm is global already, the loss is not.
     bad = runtime.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
-    bad_ranks, norm, bpd_value, reg_value = torch.cat(
-        [bad, grad_norm.detach().float().reshape(1), bpd_mean.detach().reshape(1), reg.detach().reshape(1)]
-    ).tolist()
+    parts = (grad_norm, bpd.float().mean(), reg.float())
+    values = torch.cat([bad, *(p.detach().float().reshape(1) for p in parts)])
+    bad_ranks, norm, bpd_value, reg_value = values.tolist()
     skipped = bad_ranks > 0 or not math.isfinite(norm)
     if skipped:
         optimizer.zero_grad(set_to_none=True)

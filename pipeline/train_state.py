@@ -7,9 +7,11 @@ collective under Ray: every rank calls them (the per-rank RNG states are gathere
 
 A resume takes the newest checkpoint that reads intact (an unreadable newer one is named in the log
 and the ``pipeline.resume_fallback`` tag) and compares the config saved in it with the new one: the
-model section and ``optim.name`` must not change (ValueError listing each differing key, old -> new);
-anything else may (a longer ``run.epochs``, another ``optim.lr`` or batch size), takes effect, and is
-logged with the ``pipeline.resume_changes`` tag.
+architecture keys (``FIXED_ON_RESUME``) and ``optim.name`` must not change (ValueError listing each
+differing key, old -> new); anything else may (a longer ``run.epochs``, another ``optim.lr``, batch
+size, ``loss.sigma``, ``model.memory``, ``run.precision``), takes effect, and is logged with the
+``pipeline.resume_changes`` tag. A checkpoint saved before a key moved (``MOVED_KEYS``:
+``model.split.sigma`` -> ``loss.sigma``) is read with its keys moved.
 """
 
 from __future__ import annotations
@@ -25,15 +27,14 @@ import torch
 from flows import build_flow
 from pipeline.checkpoint import (
     checkpoint_name,
-    cpu_copy,
     list_checkpoints,
     read_newest_intact,
-    rng_state,
-    set_rng_state,
     write_checkpoint,
 )
-from pipeline.config import TrainConfig, checkpoint_root, config_to_yaml
+from pipeline.checkpoint_writer import cpu_copy
+from pipeline.config import TrainConfig, checkpoint_root, config_to_yaml, migrate_moved_keys
 from pipeline.config_loading import flatten
+from pipeline.rng import rng_state, set_rng_state
 from pipeline.runtime import Runtime
 from pipeline.step import StepResult, lr_factor, make_optimizer
 
@@ -41,10 +42,35 @@ log = logging.getLogger(__name__)
 
 RESUME_FALLBACK_TAG = "pipeline.resume_fallback"  # which checkpoints were unreadable, which one was used
 RESUME_CHANGES_TAG = "pipeline.resume_changes"  # settings that differ from the checkpoint's, old -> new
-# What a resume keeps from its checkpoint: the weights mean something only for the model section they
-# were trained with (shapes, split strategy, n_bits: bits/dim at other n_bits is another quantity), and
-# the optimizer's moments only for the optimizer that made them.
-FIXED_ON_RESUME = ("model.", "optim.name")
+# What a resume keeps from its checkpoint (dotted keys; one ending in "." is a whole section): the
+# weights mean something only for the architecture they were trained with (parameter shapes, the split
+# strategy and its buffers, the priors, the dequantizer, init_seed; n_bits: bits/dim at other n_bits is
+# another quantity), and the optimizer's moments only for the optimizer that made them. Free to change:
+# model.memory (how activations are kept for backward, flows/model.py), loss weights, lr, precision.
+FIXED_ON_RESUME = (
+    "model.image_shape",
+    "model.num_levels",
+    "model.num_steps",
+    "model.hidden_channels",
+    "model.coupling",
+    "model.split_prior",
+    "model.learn_top_prior",
+    "model.n_bits",
+    "model.init_seed",
+    "model.base",
+    "model.dequantization",
+    "model.split.",
+    "model.denseflow.",
+    "model.dequantizer.",
+    "optim.name",
+)
+# The model keys a resume may change; with FIXED_ON_RESUME they cover every model key (a unit test checks).
+FREE_ON_RESUME = ("model.memory",)
+
+
+def is_fixed_on_resume(key: str) -> bool:
+    """Whether the dotted ``key`` (``model.split.strategy``) must stay."""
+    return any(key.startswith(f) if f.endswith(".") else key == f for f in FIXED_ON_RESUME)
 
 
 def config_changes(saved: dict, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
@@ -54,7 +80,7 @@ def config_changes(saved: dict, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
     config has (since removed) is not compared.
     """
     new = flatten(cfg.model_dump(mode="json"))
-    old = flatten(TrainConfig().model_dump(mode="json")) | flatten(saved)
+    old = flatten(TrainConfig().model_dump(mode="json")) | flatten(migrate_moved_keys(saved, warn=False))
     return {k: (old.get(k), v) for k, v in new.items() if k not in old or old[k] != v}
 
 
@@ -65,10 +91,10 @@ def check_resume_config(saved: dict, cfg: TrainConfig, *, source: str | Path) ->
         (k, f"{k}: {json.dumps(old)} -> {json.dumps(new)}")
         for k, (old, new) in config_changes(saved, cfg).items()
     ]
-    fixed = [text for k, text in changes if k.startswith(FIXED_ON_RESUME)]
+    fixed = [text for k, text in changes if is_fixed_on_resume(k)]
     if fixed:
         raise ValueError(
-            f"run.name={cfg.run.name} cannot resume from {source}: a resume keeps the model section and "
+            f"run.name={cfg.run.name} cannot resume from {source}: a resume keeps the architecture and "
             f"optim.name its checkpoint was trained with, and these differ: {', '.join(fixed)}. Put the old "
             "values back to continue the run, or train the new settings under another run.name"
         )

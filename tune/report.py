@@ -25,7 +25,7 @@ matplotlib.use("Agg")  # before pyplot: files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 PLOTTED_FIELDS = (
-    "model.split.sigma",
+    "loss.sigma",
     "model.num_steps",
     "model.num_levels",
     "optim.lr",
@@ -130,7 +130,7 @@ def _scatter(ax: Any, rows: Sequence[TrialRow], x_of: Any, label: str | None, co
 
 def plot_vs_sigma(rows: Sequence[TrialRow], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
-    _scatter(ax, rows, lambda r: float(r.values["model.split.sigma"]), None, "C0")
+    _scatter(ax, rows, lambda r: float(r.values["loss.sigma"]), None, "C0")
     ax.set_xscale("log")
     ax.set_xlabel("shuffle regularization strength sigma")
     ax.set_ylabel("test bits/dim (last report)")

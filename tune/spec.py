@@ -3,7 +3,7 @@
     base_config: configs/tiny.yaml          # a pipeline experiment (relative to the current directory)
     overrides: {run.epochs: 4}              # dotted TrainConfig keys applied to every trial
     space:                                  # dotted TrainConfig keys -> one domain each
-      model.split.sigma: {loguniform: [1.0e-4, 1.0e-1]}
+      loss.sigma: {loguniform: [1.0e-4, 1.0e-1]}
       model.num_steps: {choice: [2, 4]}
       optim.lr: {grid: [3.0e-3, 1.0e-3]}    # grid only with search.algorithm: grid
     search: {algorithm: optuna, num_samples: 16, metric: test_bits_per_dim, mode: min,
@@ -15,7 +15,7 @@
 Domains: ``loguniform: [low, high]`` and ``uniform: [low, high]`` (floats), ``randint: [low, high]``
 (integers, high exclusive, Tune's convention), ``choice: [...]`` and ``grid: [...]``. Every value a
 dimension can take is applied to the base config and type-checked before anything starts, so a typo
-or an impossible value is a ``ValueError`` naming the dotted field (``space.model.split.sigma: ...``).
+or an impossible value is a ``ValueError`` naming the dotted field (``space.loss.sigma: ...``).
 The file is read by the pipeline's one config loader (pipeline/config_loading.py), with command-line
 overrides such as ``search.num_samples=32`` or ``space.model.num_steps={choice: [4, 8]}``.
 

@@ -4,7 +4,7 @@ The training loop drives them through the model, once per optimizer step, and ad
 regulariser to its loss::
 
     model.advance(step)                             # step = optimizer steps completed so far
-    loss = model.bits_per_dim(x).mean() + cfg.split.sigma * model.regularization()
+    loss = training_loss(model.bits_per_dim(x), model.regularization(), sigma)  # flows/objective.py
 
 A new strategy is a ``SplitStrategy`` subclass plus one entry here (and its name in
 ``flows.config.SPLIT_STRATEGIES``, which the config validates against).

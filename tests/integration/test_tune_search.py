@@ -138,14 +138,14 @@ def test_parent_run_holds_the_table_and_the_plots(search, tmp_path):
     client, parent_id = search.client, search.second.parent_run_id
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["space.model.split.sigma"] == "grid[0.0001, 1.0]"
+    assert parent.data.params["space.loss.sigma"] == "grid[0.0001, 1.0]"
     names = {a.path for a in client.list_artifacts(parent_id)}
     assert {TABLE_NAME, *PLOT_NAMES} <= names, names
     local = Path(client.download_artifacts(parent_id, TABLE_NAME, str(tmp_path)))
     lines = local.read_text().splitlines()
     header = lines[0].split(",")
     assert header[:5] == ["trial_id", "status", "step", "test_bits_per_dim", "best_test_bits_per_dim"]
-    assert {"optim.lr", "model.split.sigma", "model.num_steps", "model.num_levels", "mlflow_run_id"} <= set(
+    assert {"optim.lr", "loss.sigma", "model.num_steps", "model.num_levels", "mlflow_run_id"} <= set(
         header
     )
     table = {line.split(",")[0]: line.split(",") for line in lines[1:]}

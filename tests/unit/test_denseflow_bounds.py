@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flows import FlowConfig, build_flow, initialize_actnorm
+from flows import FlowConfig, build_flow, initialize_actnorm, training_loss
 from flows.config import DenseFlowConfig, DequantizerConfig, SplitConfig
 from pipeline.evaluation import evaluate_iwbo, seeded_noise
 from pipeline.registry import load_flow_model, save_flow_model
@@ -51,7 +51,8 @@ def trained() -> torch.nn.Module:
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(40):
         model.advance(step)
-        loss = model.bits_per_dim(structured(16, seed=100 + step)).mean() + 1e-3 * model.regularization()
+        bpd = model.bits_per_dim(structured(16, seed=100 + step))
+        loss = training_loss(bpd, model.regularization(), 1e-3)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -18,14 +18,13 @@ from data_prep.upload import upload_dataset
 from pipeline.checkpoint import (
     CONFIG_FILE,
     STATE_FILE,
-    CheckpointWriter,
     ObjectCheckpoints,
     checkpoint_name,
-    cpu_copy,
     list_checkpoints,
     read_newest_intact,
     write_checkpoint,
 )
+from pipeline.checkpoint_writer import CheckpointWriter, cpu_copy
 from pipeline.runtime import LocalRuntime
 
 

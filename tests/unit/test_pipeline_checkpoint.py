@@ -14,10 +14,9 @@ from pipeline.checkpoint import (
     checkpoint_name,
     list_checkpoints,
     read_checkpoint,
-    rng_state,
-    set_rng_state,
     write_checkpoint,
 )
+from pipeline.rng import rng_state, set_rng_state
 
 CPU = torch.device("cpu")
 

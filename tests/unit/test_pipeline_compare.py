@@ -47,12 +47,12 @@ def test_variant_values_are_applied_as_typed_values(tmp_path: Path, monkeypatch)
     path = tmp_path / "cmp.yaml"
     path.write_text(
         "base: configs/tiny.yaml\noverrides: {run.sample_temperatures: [0.7]}\n"
-        "variants: {small-lr: {optim.lr: 3e-4, model.split.sigma: 1.0e-1}}\n"
+        "variants: {small-lr: {optim.lr: 3e-4, loss.sigma: 1.0e-1}}\n"
     )
     comparison = load_comparison(path)
     assert comparison.name == "cmp"
     cfg = config_for(comparison, "small-lr", 3, ["run.epochs=1"])
-    assert cfg.optim.lr == 3e-4 and cfg.model.split.sigma == 0.1 and cfg.run.sample_temperatures == (0.7,)
+    assert cfg.optim.lr == 3e-4 and cfg.loss.sigma == 0.1 and cfg.run.sample_temperatures == (0.7,)
     assert (cfg.run.name, cfg.run.seed, cfg.run.epochs, cfg.ray.enabled) == (
         "cmp-small-lr-seed3",
         3,

@@ -29,7 +29,7 @@ def test_default_split_is_eiw():
     assert cfg.model.split.strategy == "eiw"
     assert TrainConfig().model.split.strategy == "eiw"
     # A split section that sets other fields keeps the pipeline's default strategy too.
-    assert load_config(CONFIGS / "tiny.yaml", ["model.split.sigma=0.1"]).model.split.strategy == "eiw"
+    assert load_config(CONFIGS / "tiny.yaml", ["loss.sigma=0.1"]).model.split.strategy == "eiw"
 
 
 def test_paper_scale_configs_match_their_data():
@@ -120,8 +120,8 @@ def test_override_into_a_scalar_is_rejected():
         ("run.sample_temperatures=[0.5, .inf]", "run.sample_temperatures[1]"),
         ("ray.cpus_per_worker=.inf", "ray.cpus_per_worker"),
         ("ray.gpus_per_worker=.nan", "ray.gpus_per_worker"),
-        ("model.split.sigma=.nan", "model.split.sigma"),
-        ("model.split.sigma=.inf", "model.split.sigma"),
+        ("loss.sigma=.nan", "loss.sigma"),
+        ("loss.sigma=.inf", "loss.sigma"),
         ("model.split.ema_momentum=.nan", "model.split.ema_momentum"),
         ("model.split.hysteresis_margin=.inf", "model.split.hysteresis_margin"),
         ("model.split.lcma_momentum=.nan", "model.split.lcma_momentum"),
@@ -139,7 +139,7 @@ def test_every_float_field_refuses_nan_and_inf():
     flat = flatten(TrainConfig().model_dump())
     floats = [k for k, v in flat.items() if isinstance(v, float)]
     floats += [f"{k}[0]" for k, v in flat.items() if isinstance(v, tuple) and v and isinstance(v[0], float)]
-    assert {"optim.lr", "model.split.sigma", "run.sample_temperatures[0]"} <= set(floats)
+    assert {"optim.lr", "loss.sigma", "run.sample_temperatures[0]"} <= set(floats)
     for key in floats:
         field, _, index = key.partition("[")
         for bad in (float("nan"), float("inf"), float("-inf")):
@@ -220,3 +220,20 @@ def test_lcma_whose_warm_up_outlasts_the_run_warns() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_config(CONFIGS / "tiny.yaml", ["model.split.strategy=lcma", "model.split.lcma_warmup_steps=4"])
+
+
+def test_the_old_model_split_sigma_key_maps_to_loss_sigma_with_a_warning():
+    with pytest.warns(FutureWarning, match=r"model\.split\.sigma is deprecated: it is now loss\.sigma"):
+        cfg = load_config(CONFIGS / "tiny.yaml", ["model.split.sigma=0.1"])
+    assert cfg.loss.sigma == 0.1 and not hasattr(cfg.model.split, "sigma")
+    with pytest.warns(FutureWarning):
+        assert validate(TrainConfig, {"model": {"split": {"sigma": 0.2}}}).loss.sigma == 0.2
+    with pytest.warns(FutureWarning):  # both given, the same value: fine
+        assert (
+            load_config(CONFIGS / "tiny.yaml", ["model.split.sigma=0.3", "loss.sigma=0.3"]).loss.sigma == 0.3
+        )
+    with (
+        pytest.warns(FutureWarning),
+        pytest.raises(ValueError, match=r"both given and differ; keep only loss\.sigma"),
+    ):
+        load_config(CONFIGS / "tiny.yaml", ["model.split.sigma=0.3", "loss.sigma=0.4"])

@@ -32,10 +32,18 @@ from pipeline.checkpoint import (
     writer_id,
 )
 from pipeline.config import TrainConfig, checkpoint_root, load_config, resolve
+from pipeline.config_loading import flatten
 from pipeline.data import ensure_data
 from pipeline.faults import Faults, InjectedFault
 from pipeline.loop import fit
-from pipeline.train_state import RESUME_CHANGES_TAG, RESUME_FALLBACK_TAG, check_resume
+from pipeline.train_state import (
+    FREE_ON_RESUME,
+    RESUME_CHANGES_TAG,
+    RESUME_FALLBACK_TAG,
+    check_resume,
+    check_resume_config,
+    is_fixed_on_resume,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ROOT = Path(__file__).resolve().parents[2]
@@ -357,3 +365,56 @@ def test_ray_runtime_falls_back_from_an_unreadable_registered_checkpoint(tmp_pat
         lambda d: write_checkpoint(d, {"step": 4}, ""), name=checkpoint_name(4), metrics={}
     )
     assert reported["name"] == f"{checkpoint_name(4)}-1"
+
+
+# ------------------------------------------------------------------ what a resume may change
+def test_a_new_loss_sigma_and_memory_mode_resume_and_are_logged(data_ready, caplog):
+    """loss.sigma and model.memory are not the architecture: a resume takes them (issue 22)."""
+    cfg, run_dir = crashed_run(data_ready, "changed-loss", fail_at=3)  # a checkpoint at step 2
+    changed = tiny_config(
+        data_ready,
+        "run.name=changed-loss",
+        "run.checkpoint_every=2",
+        "loss.sigma=0.5",
+        "model.memory=invertible",
+    )
+    with caplog.at_level(logging.WARNING, logger="pipeline.train_state"):
+        result = fit(changed)
+    assert result.step == cfg.total_steps
+    tag = MlflowClient(cfg.mlflow.tracking_uri).get_run(result.mlflow_run_id).data.tags[RESUME_CHANGES_TAG]
+    assert "loss.sigma: 0.001 -> 0.5" in tag and 'model.memory: "standard" -> "invertible"' in tag, tag
+    saved = read_checkpoint(result.checkpoint_path)["config"]
+    assert saved["loss"]["sigma"] == 0.5 and saved["model"]["memory"] == "invertible"
+    mlflow.end_run()
+
+
+def test_a_checkpoint_saved_with_model_split_sigma_resumes(data_ready):
+    """A checkpoint written before sigma moved to loss.sigma: its saved model.split.sigma is read as
+    loss.sigma (same value: no change reported; another value: a change, not a refusal)."""
+    cfg, run_dir = crashed_run(data_ready, "old-sigma", fail_at=3)
+    directory = run_dir / checkpoint_name(2)
+    state = read_checkpoint(directory)
+    state.pop("format")
+    old = state["config"]
+    old["model"]["split"]["sigma"] = old.pop("loss")["sigma"]  # the layout before issue 22
+    write_checkpoint(directory, state, (directory / "config.yaml").read_text())
+    assert check_resume_config(old, cfg, source=directory) == []
+    moved = check_resume_config(
+        old,
+        tiny_config(data_ready, "run.name=old-sigma", "run.checkpoint_every=2", "loss.sigma=0.25"),
+        source="x",
+    )
+    assert moved == ["loss.sigma: 0.001 -> 0.25"]
+    result = fit(tiny_config(data_ready, "run.name=old-sigma", "run.checkpoint_every=2"))
+    assert result.step == cfg.total_steps and result.mlflow_run_id == state["mlflow_run_id"]  # continued
+    mlflow.end_run()
+
+
+def test_every_model_key_is_either_fixed_or_free_on_resume():
+    """A new FlowConfig field must be classified: architecture (FIXED_ON_RESUME) or not."""
+    keys = [k for k in flatten(TrainConfig().model_dump(mode="json")) if k.startswith("model.")]
+    unclassified = [k for k in keys if not is_fixed_on_resume(k) and k not in FREE_ON_RESUME]
+    assert unclassified == []
+    assert not is_fixed_on_resume("model.memory") and not is_fixed_on_resume("loss.sigma")
+    assert is_fixed_on_resume("model.split.strategy") and is_fixed_on_resume("optim.name")
+    assert not is_fixed_on_resume("optim.lr") and not is_fixed_on_resume("run.precision")

@@ -15,8 +15,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import MlflowConfig, load_config
+from pipeline.final_artifacts import should_log_checkpoint
 from pipeline.lineage import ShardDataset
-from pipeline.loop import _log_checkpoint
 from pipeline.order_picture import OrderHistory
 from pipeline.sampling import grid_images, image_key
 from pipeline.tracking import Tracker, image_key_and_step, multipart_uploads
@@ -217,7 +217,7 @@ def test_multipart_uploads_only_for_servers_and_never_over_the_user(monkeypatch)
 def test_checkpoint_artifact_auto_follows_the_checkpoint_size(setting, max_mb, logged) -> None:
     cfg = load_config(None, [f"mlflow.log_checkpoint={setting}", f"mlflow.log_checkpoint_max_mb={max_mb}"])
     snapshot = {"model": {"w": torch.zeros(1000)}, "optimizer": {"state": {0: {"m": torch.zeros(1000)}}}}
-    assert _log_checkpoint(cfg, snapshot) is logged
+    assert should_log_checkpoint(cfg, snapshot) is logged
 
 
 def test_order_history_file_holds_plain_arrays_only(tmp_path: Path) -> None:

@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULTS = {
     "model.num_steps": 2,
     "model.num_levels": 2,
-    "model.split.sigma": 1e-3,
+    "loss.sigma": 1e-3,
     "model.split.regularizer": "reference",
 }
-KEYS = ("model.split.sigma", "model.num_steps", "model.num_levels", "model.split.regularizer")
+KEYS = ("loss.sigma", "model.num_steps", "model.num_levels", "model.split.regularizer")
 
 
 def reports(*pairs: tuple[int, float]) -> list[dict]:
@@ -44,8 +44,8 @@ def row(trial_id: str, status: str, pairs, **config):
 
 def sample_rows() -> list:
     return [
-        row("a", "TERMINATED", [(4, 7.9), (8, 7.5), (16, 7.2)], **{"model.split.sigma": 1e-2}),
-        row("b", "TERMINATED", [(4, 7.8), (8, 7.7)], **{"model.split.sigma": 1e-4, "model.num_steps": 4}),
+        row("a", "TERMINATED", [(4, 7.9), (8, 7.5), (16, 7.2)], **{"loss.sigma": 1e-2}),
+        row("b", "TERMINATED", [(4, 7.8), (8, 7.7)], **{"loss.sigma": 1e-4, "model.num_steps": 4}),
         row("c", "TERMINATED", [(4, 7.6), (8, 7.4), (16, 7.0)], **{"model.num_levels": 3}),
         row("d", "ERROR", [(4, 7.6)]),
         row("e", "RUNNING", []),
@@ -64,7 +64,7 @@ def test_rows_say_how_each_trial_ended_and_take_unsearched_values_from_the_base(
     assert (b.step, b.test_bits_per_dim, b.best_test_bits_per_dim) == (8, 7.7, 7.7)
     assert a.best_test_bits_per_dim == 7.2 and a.mlflow_run_id == "run16"
     assert b.values == {
-        "model.split.sigma": 1e-4,
+        "loss.sigma": 1e-4,
         "model.num_steps": 4,
         "model.num_levels": 2,
         "model.split.regularizer": "reference",
@@ -129,16 +129,16 @@ def test_cli_checks_a_search_file_and_names_a_bad_field(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     assert main(["--config", "configs/tune/sample.yaml", "--check"]) == 0
     out = capsys.readouterr().out
-    assert "model.split.sigma: loguniform[0.0001, 1.0]" in out and "16 trials (optuna)" in out
+    assert "loss.sigma: loguniform[0.0001, 1.0]" in out and "16 trials (optuna)" in out
     assert (
         main(
             [
                 "--config",
                 "configs/tune/sample.yaml",
                 "--check",
-                "space.model.split.sigma={loguniform: [0, 1]}",
+                "space.loss.sigma={loguniform: [0, 1]}",
             ]
         )
         == 2
     )
-    assert "space.model.split.sigma: loguniform needs two positive bounds" in capsys.readouterr().err
+    assert "space.loss.sigma: loguniform needs two positive bounds" in capsys.readouterr().err

@@ -33,7 +33,7 @@ def with_changes(**sections) -> dict:
 def optuna_space(**dims) -> dict:
     data = tiny_dict()
     data["search"] = {"algorithm": "optuna", "num_samples": 5, "seed": 3}
-    data["space"] = dims or {"model.split.sigma": {"loguniform": [1e-4, 1e-1]}}
+    data["space"] = dims or {"loss.sigma": {"loguniform": [1e-4, 1e-1]}}
     return data
 
 
@@ -43,11 +43,11 @@ def test_shipped_search_files_load(name, monkeypatch):
     spec = load_spec(TUNE_CONFIGS / f"{name}.yaml")
     assert spec.run.name and spec.space
     keys = set(spec.space)
-    sigma = spec.space["model.split.sigma"]  # every search spans 1e-4..1, where the ablation saw effects
+    sigma = spec.space["loss.sigma"]  # every search spans 1e-4..1, where the ablation saw effects
     assert (min(sigma.values), max(sigma.values)) == (1e-4, 1.0)
     assert sigma.kind == ("grid" if name == "tiny" else "loguniform")
     if name != "tiny":  # the real searches cover sigma, depth, lr and the regularizer form
-        assert {"model.split.sigma", "model.num_steps", "model.num_levels", "optim.lr"} <= keys
+        assert {"loss.sigma", "model.num_steps", "model.num_levels", "optim.lr"} <= keys
         assert "model.split.regularizer" in keys
         assert spec.search.algorithm == "optuna" and spec.scheduler.type == "asha"
 
@@ -62,30 +62,30 @@ def test_tiny_grid_and_asha_bounds():
 
 def test_a_trial_is_the_base_config_plus_its_values():
     spec = spec_from_dict(tiny_dict())
-    cfg = trial_config(spec.base, {"optim.lr": 3e-3, "model.split.sigma": 0.1}, "abc_00001")
-    assert (cfg.optim.lr, cfg.model.split.sigma, cfg.run.name) == (3e-3, 0.1, "train-trial_id=abc_00001")
+    cfg = trial_config(spec.base, {"optim.lr": 3e-3, "loss.sigma": 0.1}, "abc_00001")
+    assert (cfg.optim.lr, cfg.loss.sigma, cfg.run.name) == (3e-3, 0.1, "train-trial_id=abc_00001")
     assert cfg.run.epochs == spec.base.run.epochs == 4  # everything else is the base's
     assert spec.base.run.async_checkpoints and not cfg.run.async_checkpoints  # ASHA needs timely reports
-    with pytest.raises(ValueError, match=r"model\.split\.sigma: must be a finite number"):
-        trial_config(spec.base, {"model.split.sigma": float("nan")}, "abc_00002")
+    with pytest.raises(ValueError, match=r"loss\.sigma: must be a finite number"):
+        trial_config(spec.base, {"loss.sigma": float("nan")}, "abc_00002")
 
 
 @pytest.mark.parametrize(
     ("space", "message"),
     [
         (
-            {"model.split.sigma": {"loguniform": [-1e-4, 1e-1]}},
-            "space.model.split.sigma: loguniform needs two positive",
+            {"loss.sigma": {"loguniform": [-1e-4, 1e-1]}},
+            "space.loss.sigma: loguniform needs two positive",
         ),
         (
-            {"model.split.sigma": {"loguniform": [1e-1, 1e-4]}},
-            "space.model.split.sigma: loguniform needs low < high",
+            {"loss.sigma": {"loguniform": [1e-1, 1e-4]}},
+            "space.loss.sigma: loguniform needs low < high",
         ),
         (
-            {"model.split.sigma": {"loguniform": [1e-4]}},
-            "space.model.split.sigma: loguniform needs two numeric",
+            {"loss.sigma": {"loguniform": [1e-4]}},
+            "space.loss.sigma: loguniform needs two numeric",
         ),
-        ({"model.split.sigmaa": {"uniform": [0.0, 1.0]}}, "space.model.split.sigmaa:"),
+        ({"loss.sigmaa": {"uniform": [0.0, 1.0]}}, "space.loss.sigmaa:"),
         ({"model.num_steps": {"choice": [2, 0]}}, "space.model.num_steps: 0 is not a valid model.num_steps"),
         (
             {"model.split.regularizer": {"choice": ["reference", "kl2"]}},
@@ -98,12 +98,12 @@ def test_a_trial_is_the_base_config_plus_its_values():
         ({"model.num_steps": {"grid": [2, 4]}}, "space.model.num_steps: grid needs search.algorithm: grid"),
         ({}, "space: needs at least one dimension"),
         (
-            {"model.split.sigma": {"uniform": [0.0, float("inf")]}},
-            "space.model.split.sigma: uniform needs two numeric bounds",
+            {"loss.sigma": {"uniform": [0.0, float("inf")]}},
+            "space.loss.sigma: uniform needs two numeric bounds",
         ),
         (
-            {"model.split.sigma": {"choice": [0.1, float("nan")]}},
-            "space.model.split.sigma: nan is not a valid",
+            {"loss.sigma": {"choice": [0.1, float("nan")]}},
+            "space.loss.sigma: nan is not a valid",
         ),
     ],
 )
@@ -182,15 +182,15 @@ def test_param_space_domains_and_seeded_optuna_suggestions():
 
     data = optuna_space(
         **{
-            "model.split.sigma": {"loguniform": [1e-4, 1e-1]},
+            "loss.sigma": {"loguniform": [1e-4, 1e-1]},
             "model.num_steps": {"choice": [1, 2]},
             "model.split.regularizer": {"choice": ["reference", "kl"]},
         }
     )
     spec = spec_from_dict(data)
     space = param_space(spec)
-    assert isinstance(space["model.split.sigma"], Float) and isinstance(space["model.num_steps"], Categorical)
-    assert (space["model.split.sigma"].lower, space["model.split.sigma"].upper) == (1e-4, 1e-1)
+    assert isinstance(space["loss.sigma"], Float) and isinstance(space["model.num_steps"], Categorical)
+    assert (space["loss.sigma"].lower, space["loss.sigma"].upper) == (1e-4, 1e-1)
 
     def suggestions(seed: int) -> list[dict]:
         searcher = OptunaSearch(sampler=TPESampler(seed=seed))
@@ -201,7 +201,7 @@ def test_param_space_domains_and_seeded_optuna_suggestions():
     assert first == suggestions(3)  # reproducible from search.seed
     assert first != suggestions(4)
     for config in first:
-        assert 1e-4 <= config["model.split.sigma"] <= 1e-1
+        assert 1e-4 <= config["loss.sigma"] <= 1e-1
         assert config["model.num_steps"] in (1, 2) and config["model.split.regularizer"] in (
             "reference",
             "kl",
