@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from data_prep.storage import RemotePath, as_path
+from pipeline.checkpoint_digest import DIGEST_FILE, digest_problem, write_digest
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ def write_checkpoint(directory: str | os.PathLike, state: dict[str, Any], config
     state = {"format": FORMAT_VERSION, **state}
     _write_atomic(d / STATE_FILE, lambda f: torch.save(state, f))
     _write_atomic(d / CONFIG_FILE, lambda f: f.write(config_yaml.encode("utf-8")))
+    write_digest(d, STATE_FILE)  # last: checkpoint_digest.py
     _fsync_dir(d)
     return d
 
@@ -149,6 +151,8 @@ def read_checkpoint(
         size = path.stat().st_size
         if size == 0:
             raise CorruptCheckpointError(f"{path}: unreadable checkpoint (empty file)")
+        if (problem := digest_problem(path)) is not None:
+            raise CorruptCheckpointError(f"{path}: unreadable checkpoint ({problem}; {size} bytes)")
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except CorruptCheckpointError:
         raise
@@ -178,6 +182,11 @@ def _read_remote(path: RemotePath, *, map_location: str | torch.device) -> dict:
         size = local.stat().st_size
         if size == 0:
             raise CorruptCheckpointError(f"{path}: unreadable checkpoint (empty file)")
+        digest = Path(tmp) / DIGEST_FILE
+        if (path.parent / DIGEST_FILE).is_file():
+            (path.parent / DIGEST_FILE).download_to(digest)
+        if (problem := digest_problem(local, digest)) is not None:
+            raise CorruptCheckpointError(f"{path}: unreadable checkpoint ({problem}; {size} bytes)")
         try:
             state = torch.load(local, map_location=map_location, weights_only=True)
         except Exception as e:

@@ -157,6 +157,7 @@ def fit(cfg: TrainConfig, *, runtime: Runtime | None = None, faults: Faults = NO
                 step % per_epoch == 0 and (step // per_epoch) % cfg.run.eval_every_epochs == 0
             ):
                 state.test_bits_per_dim = _evaluate_and_sample(cfg, runtime, state, tracker, console)
+                require_finite_score(state.test_bits_per_dim, step)
                 window.restart_clock()
             if step % cfg.run.checkpoint_every == 0 and step < total:
                 _save_checkpoint(runtime, state, tracker, window, state.snapshot(runtime))
@@ -354,6 +355,7 @@ def _log_final_artifacts(
             final = write_checkpoint(Path(tmp) / checkpoint_name(step), snapshot, config_to_yaml(cfg))
             tracker.log_large_artifacts([final], f"checkpoint/{final.name}")
     version = None
+    require_finite_score(state.test_bits_per_dim, step)  # before any model is logged or registered
     if cfg.mlflow.log_model:
         lineage = model_metadata(cfg.model_dump(mode="json"), code_version(), shard_datasets(cfg.data.root))
         model_uri = log_flow_model(state.flow, test_bpd=state.test_bits_per_dim, lineage=lineage)
@@ -365,6 +367,17 @@ def _log_final_artifacts(
             tracker.set_tags({MODEL_VERSION_TAG: version})
     tracker.set_tags({FINAL_STEP_TAG: str(step)})
     return version
+
+
+def require_finite_score(test_bpd: float, step: int) -> None:
+    """ValueError when the test score is NaN or infinite: such a model is broken (diverged, or its
+    weights corrupted) and must never become a model version or move an alias."""
+    if not math.isfinite(test_bpd):
+        raise ValueError(
+            f"step {step}: test bits/dim is {test_bpd} (non-finite): the model is broken (diverged, or "
+            "resumed from damaged weights); training stopped and nothing was registered. Resume from an "
+            "earlier checkpoint (move the newer checkpoint_* directories away) or lower optim.lr"
+        )
 
 
 def _log_checkpoint(cfg: TrainConfig, snapshot: dict) -> bool:

@@ -122,6 +122,8 @@ def _champion_bpd(client: MlflowClient, name: str, alias: str) -> float | None:
 
 def register(model_uri: str, *, cfg: MlflowConfig, test_bpd: float, run_id: str) -> ModelVersion:
     """Register ``model_uri`` under ``cfg.registered_model``; set the newest alias, maybe the champion."""
+    if not math.isfinite(test_bpd):  # a broken model never becomes a version nor moves an alias
+        raise ValueError(f"refusing to register {model_uri}: its test bits/dim is {test_bpd} (non-finite)")
     client = MlflowClient(cfg.tracking_uri)
     version = mlflow.register_model(model_uri, cfg.registered_model, tags={BPD_TAG: repr(float(test_bpd))})
     name, number = cfg.registered_model, version.version
