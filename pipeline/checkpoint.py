@@ -151,9 +151,10 @@ def read_checkpoint(
         size = path.stat().st_size
         if size == 0:
             raise CorruptCheckpointError(f"{path}: unreadable checkpoint (empty file)")
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        # After the load, so a truncated file keeps torch's reason; weights_only runs no code.
         if (problem := digest_problem(path)) is not None:
             raise CorruptCheckpointError(f"{path}: unreadable checkpoint ({problem}; {size} bytes)")
-        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except CorruptCheckpointError:
         raise
     except Exception as e:  # truncated or damaged: torch raises RuntimeError, EOFError, OSError, ...
@@ -185,8 +186,6 @@ def _read_remote(path: RemotePath, *, map_location: str | torch.device) -> dict:
         digest = Path(tmp) / DIGEST_FILE
         if (path.parent / DIGEST_FILE).is_file():
             (path.parent / DIGEST_FILE).download_to(digest)
-        if (problem := digest_problem(local, digest)) is not None:
-            raise CorruptCheckpointError(f"{path}: unreadable checkpoint ({problem}; {size} bytes)")
         try:
             state = torch.load(local, map_location=map_location, weights_only=True)
         except Exception as e:
@@ -194,6 +193,8 @@ def _read_remote(path: RemotePath, *, map_location: str | torch.device) -> dict:
             raise CorruptCheckpointError(
                 f"{path}: unreadable checkpoint ({type(e).__name__}: {reason}; {size} bytes)"
             ) from e
+        if (problem := digest_problem(local, digest)) is not None:
+            raise CorruptCheckpointError(f"{path}: unreadable checkpoint ({problem}; {size} bytes)")
     return _checked(state, path)
 
 
