@@ -40,6 +40,7 @@ from pipeline.flow_pyfunc import (
     CONFIG_ARTIFACT,
     FORMAT,
     FORMAT_KEY,
+    MAX_WORK,
     MODEL_CODE_PATH,
     WEIGHTS_ARTIFACT,
     input_example_for,
@@ -89,7 +90,7 @@ def _model_kwargs(
         # Declared so that it can be overridden at load time (MLflow drops keys not logged here):
         # ``load_model(..., model_config={"device": "cuda"})`` or, for ``mlflow models serve``, the
         # environment variable MLFLOW_PYFUNC_INFERENCE_CONFIG='{"device": "cuda"}'.
-        "model_config": {"device": "cpu"},
+        "model_config": {"device": "cpu", "max_work": MAX_WORK},
     }
 
 
