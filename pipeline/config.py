@@ -197,6 +197,9 @@ class MlflowConfig(ConfigModel):
     system_metrics: bool = True
     system_metrics_interval_s: float = Field(10.0, gt=0)
     parent_run_id: str = ""
+    # A resumed checkpoint names an MLflow run this tracking server lacks: fail (say so), or start a
+    # new run tagged pipeline.previous_run_id with the old id.
+    on_missing_run: Literal["fail", "new"] = "fail"
 
     @model_validator(mode="after")
     def _registry_needs(self) -> MlflowConfig:
