@@ -6,8 +6,9 @@ Builds a synthetic ImageNet-64 release in a temp dir (official layout, uncompres
 real files): 64x64 crops of scikit-image's bundled photographs at random scales, so PNG sizes and
 decode costs resemble real photos (noise would be ~2x larger and slower). Then measures
 1. conversion (`python -m data_prep imagenet`) in images/s, total and per worker process;
-2. reading through `train_loader(num_workers=0)` (tar parse, shuffle buffer, PNG decode, uint8
-   batches) in images/s on one core, and the PNG decode alone for reference.
+2. reading through `train_loader(num_workers=0)` (tar parse, shard sha256 check, shuffle buffer,
+   PNG decode, uint8 batches) in images/s on one core, the same without the sha256 check (its
+   cost, printed as a ratio), and the PNG decode alone for reference.
 Both wall-clock rates and images per CPU-second (this process plus its reaped worker processes)
 are printed: on a shared machine the CPU-second rate is the per-core figure that transfers.
 Prints one table. Numbers go to docs/benchmarks.md, section "Data (data_prep)".
@@ -100,8 +101,10 @@ def convert(root: Path, out: Path, workers: int, png_level: int) -> Timer:
     return t
 
 
-def read_rate(split_dir: Path, batches: int, batch_size: int = 256) -> tuple[int, Timer]:
-    loader = train_loader(split_dir, batch_size=batch_size, batches_per_epoch=batches, shuffle_buffer=1000)
+def read_rate(split_dir: Path, batches: int, batch_size: int = 256, verify: bool = True) -> tuple[int, Timer]:
+    loader = train_loader(
+        split_dir, batch_size=batch_size, batches_per_epoch=batches, shuffle_buffer=1000, verify=verify
+    )
     next(iter(train_loader(split_dir, batch_size=8, batches_per_epoch=1)))  # warm file cache and imports
     with Timer() as t:
         n = sum(b.shape[0] for b in loader)
@@ -142,6 +145,13 @@ def main() -> None:
             sizes[level] = sum(p.stat().st_size for p in split.glob("*.tar")) / args.images
             n, t = read_rate(split, args.read_batches)
             rows.append((f"train_loader read, num_workers=0, png-level {level}", n, t, 1))
+            if level == 0:  # the shard sha256 check against the same read without it, back to back
+                n_off, t_off = read_rate(split, args.read_batches, verify=False)
+                name = "train_loader read without the shard sha256 check, png-level 0"
+                rows.append((name, n_off, t_off, 1))
+                n_on, t_on = read_rate(split, args.read_batches)
+                cost = 1 - (n_on / t_on.cpu) / (n_off / t_off.cpu)
+                print(f"# shard sha256 check: {100 * cost:+.1f}% of loader images per CPU-second")
             n, t = decode_rate(split)
             rows.append((f"PNG decode only (PIL -> numpy), png-level {level}", n, t, 1))
     print(

@@ -12,6 +12,12 @@ Evaluation (`eval_loader`): no resampling, no shuffling; every test image is rea
 across ranks (shards dealt to ranks round robin; with fewer shards than ranks, samples dealt by
 index). Reduce per-image sums across ranks, not means: ranks may get different batch counts.
 
+Integrity: every shard's bytes are hashed (sha256) as they stream in and compared with the
+manifest's `sha256` at the shard's end (`CorruptShardError` naming the shard). `on_corrupt="fail"`
+(default) raises it, stopping training; `on_corrupt="skip"` holds a shard's samples until its digest
+has checked (memory: one shard's raw bytes per reader), drops a corrupt shard's samples with a
+warning and counts it in `CORRUPT_SHARDS`. Cost: benchmarks/data.py, docs/benchmarks.md.
+
 Object storage: a split given as a URI (``s3://bucket/prefix/train``) is read the same way, each
 shard streamed in read-ahead ranges through fsspec (data_prep/storage.py), never copied to local disk
 first; the shard lists, splitting, seeds and resampling are the same as for local files.
@@ -19,7 +25,10 @@ first; the shard lists, splitting, seeds and resampling are the same as for loca
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import io
+import logging
 import multiprocessing as mp
 import os
 import random
@@ -35,7 +44,16 @@ from webdataset.utils import pytorch_worker_info
 from data_prep.manifest import read_manifest
 from data_prep.storage import RemotePath, as_path, open_binary
 
-__all__ = ["eval_loader", "read_manifest", "shard_urls", "train_loader"]
+__all__ = ["CorruptShardError", "eval_loader", "read_manifest", "shard_urls", "train_loader"]
+
+log = logging.getLogger(__name__)
+ON_CORRUPT = ("fail", "skip")
+# Shards dropped by on_corrupt="skip" in this process (a loader worker counts its own): url -> times.
+CORRUPT_SHARDS: collections.Counter[str] = collections.Counter()
+
+
+class CorruptShardError(ValueError):
+    """A shard whose bytes do not hash to the sha256 its manifest records."""
 
 
 def _worker_context(num_workers: int):
@@ -54,9 +72,77 @@ def _worker_context(num_workers: int):
 
 def shard_urls(split_dir: str | os.PathLike) -> list[str]:
     """Absolute paths or URIs of the shards, in manifest order (ValueError if the manifest is bad)."""
+    return list(shard_digests(split_dir))
+
+
+def shard_digests(split_dir: str | os.PathLike) -> dict[str, str]:
+    """{absolute path or URI: manifest sha256} of the shards, in manifest order."""
     root = as_path(split_dir)
     root = root if isinstance(root, RemotePath) else Path(root).resolve()
-    return [str(root / s["name"]) for s in read_manifest(root)["shards"]]
+    return {str(root / s["name"]): s["sha256"] for s in read_manifest(root)["shards"]}
+
+
+class _HashingReader:
+    """Read-only wrapper that hashes every byte read; forward seeks are reads (so nothing is skipped)."""
+
+    def __init__(self, raw):
+        self.raw, self.hash = raw, hashlib.sha256()
+
+    def read(self, n: int) -> bytes:
+        data = self.raw.read(n)
+        self.hash.update(data)
+        return data
+
+    def skip(self, n: int) -> None:
+        self.read(n)
+
+    def finish(self) -> str:
+        """The sha256 of the whole file (reads what the tar parser left unread: end blocks, padding)."""
+        while self.read(1 << 20):
+            pass
+        return self.hash.hexdigest()
+
+
+class _VerifiedTarSamples:
+    """Pipeline stage like `_tar_samples`, checking each shard's sha256 against `digests`.
+
+    fail: samples stream as read and the shard's end raises CorruptShardError on a mismatch (the
+    run stops before the next step completes). skip: a shard's samples are held until it checks."""
+
+    def __init__(self, digests: dict[str, str], on_corrupt: str = "fail"):
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"on_corrupt_shard: must be one of {ON_CORRUPT}, got {on_corrupt!r}")
+        self.digests, self.on_corrupt = digests, on_corrupt
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        skipped_in_row = 0
+        for item in src:
+            url = item["url"]
+            expected = self.digests[url]
+            with open_binary(url) as raw:
+                f = _HashingReader(raw)
+                samples = _read_tar(f, url)
+                if self.on_corrupt == "fail":
+                    yield from samples
+                    held = []
+                else:
+                    held = list(samples)
+                actual = f.finish()
+            if actual == expected:
+                skipped_in_row = 0
+                yield from held
+                continue
+            message = (
+                f"{url}: corrupt shard (sha256 {actual[:12]}..., its manifest says {expected[:12]}...); "
+                "re-copy it, or run `python -m data_prep verify` on the split"
+            )
+            if self.on_corrupt == "fail":
+                raise CorruptShardError(message + "; data.on_corrupt_shard=skip trains on without it")
+            CORRUPT_SHARDS[url] += 1
+            log.warning("%s; skipped (data.on_corrupt_shard=skip)", message)
+            skipped_in_row += 1
+            if skipped_in_row > 2 * len(self.digests):
+                raise CorruptShardError(f"{message}; every shard read in a row was corrupt")
 
 
 def _seed(*parts: int | str) -> int:
@@ -104,36 +190,55 @@ def _tar_samples(src: Iterator[dict]) -> Iterator[dict]:
     for item in src:
         url = item["url"]
         with open_binary(url) as f:
-            sample: dict | None = None
-            while True:
-                header = f.read(_BLOCK)
-                if len(header) < _BLOCK or header.count(0) == _BLOCK:
-                    break
-                name = header[:100].rstrip(b"\0").decode("utf-8")
-                prefix = header[345:500].rstrip(b"\0").decode("utf-8")
-                size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-                kind = header[156:157]
-                data = f.read(size)
-                f.seek(-size % _BLOCK, os.SEEK_CUR)
-                if len(data) != size:
-                    raise ValueError(f"{url}: truncated tar member {name!r}")
-                if kind not in _FILE_TYPES:
-                    if kind == b"5":
-                        continue
-                    raise ValueError(f"{url}: unsupported tar member type {kind!r} for {name!r}")
-                full = f"{prefix}/{name}" if prefix else name
-                slash = full.rfind("/") + 1
-                dot = full.find(".", slash)
-                if dot < 0:
-                    continue
-                key, ext = full[:dot], full[dot + 1 :]
-                if sample is None or sample["__key__"] != key:
-                    if sample is not None:
-                        yield sample
-                    sample = {"__key__": key, "__url__": url}
-                sample[ext] = data
+            yield from _read_tar(_Seeking(f), url)
+
+
+class _Seeking:
+    """`skip(n)` as a relative seek (unverified reads need not read the padding)."""
+
+    def __init__(self, raw):
+        self.read = raw.read
+        self.raw = raw
+
+    def skip(self, n: int) -> None:
+        self.raw.seek(n, os.SEEK_CUR)
+
+
+def _read_tar(f, url: str) -> Iterator[dict]:
+    """The samples of one shard; `f` has `read(n)` and `skip(n)`."""
+    sample: dict | None = None
+    while True:
+        header = f.read(_BLOCK)
+        if len(header) < _BLOCK or header.count(0) == _BLOCK:
+            break
+        try:
+            name = header[:100].rstrip(b"\0").decode("utf-8")
+            prefix = header[345:500].rstrip(b"\0").decode("utf-8")
+            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CorruptShardError(f"{url}: corrupt tar header ({exc})") from None
+        kind = header[156:157]
+        data = f.read(size)
+        f.skip(-size % _BLOCK)
+        if len(data) != size:
+            raise ValueError(f"{url}: truncated tar member {name!r}")
+        if kind not in _FILE_TYPES:
+            if kind == b"5":
+                continue
+            raise ValueError(f"{url}: unsupported tar member type {kind!r} for {name!r}")
+        full = f"{prefix}/{name}" if prefix else name
+        slash = full.rfind("/") + 1
+        dot = full.find(".", slash)
+        if dot < 0:
+            continue
+        key, ext = full[:dot], full[dot + 1 :]
+        if sample is None or sample["__key__"] != key:
             if sample is not None:
                 yield sample
+            sample = {"__key__": key, "__url__": url}
+        sample[ext] = data
+    if sample is not None:
+        yield sample
 
 
 class _Decode:
@@ -240,6 +345,8 @@ def train_loader(
     random_crop: int | None = None,
     random_flip: bool = False,
     with_labels: bool = False,
+    on_corrupt: str = "fail",
+    verify: bool = True,
 ) -> TrainLoader:
     """Endless resampled shard stream cut into epochs of `batches_per_epoch` full batches per rank.
 
@@ -252,10 +359,11 @@ def train_loader(
         raise ValueError(
             f"batch_size and batches_per_epoch must be >= 1, got {batch_size}, {batches_per_epoch}"
         )
-    urls = shard_urls(split_dir)
+    digests = shard_digests(split_dir)
+    urls = list(digests)
     stream = _Stream(seed)
     shards = wds.ResampledShards(urls, worker_seed=stream.shard_seed, deterministic=True)
-    stages = [shards, _tar_samples]
+    stages = [shards, _VerifiedTarSamples(digests, on_corrupt) if verify else _tar_samples]
     if shuffle_buffer > 1:
         stages.append(_Shuffle(shuffle_buffer, stream))
     stages += [
@@ -297,6 +405,8 @@ def eval_loader(
     num_workers: int = 0,
     center_crop: int | None = None,
     with_labels: bool = False,
+    on_corrupt: str = "fail",
+    verify: bool = True,
 ):
     """Every image of the split exactly once across ranks, in uint8 (B, C, H, W) batches (last may be short).
 
@@ -310,18 +420,20 @@ def eval_loader(
         world_size = env_world if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    urls = shard_urls(split_dir)
+    digests = shard_digests(split_dir)
+    urls = list(digests)
+    read = _VerifiedTarSamples(digests, on_corrupt) if verify else _tar_samples
     decode = wds.map(_Decode(crop=center_crop, random_crop=False, flip=False, stream=None))
     batch = wds.batched(batch_size, collation_fn=_Collate(with_labels), partial=True)
     if len(urls) >= world_size:
         mine = urls[rank::world_size]
         dataset = wds.DataPipeline(
-            wds.SimpleShardList(mine), wds.split_by_worker, _tar_samples, decode, batch
+            wds.SimpleShardList(mine), wds.split_by_worker, read, decode, batch
         )
         num_workers = min(num_workers, len(mine))
     else:
         dataset = wds.DataPipeline(
-            wds.SimpleShardList(urls), _tar_samples, _TakeEvery(rank, world_size), decode, batch
+            wds.SimpleShardList(urls), read, _TakeEvery(rank, world_size), decode, batch
         )
     if num_workers == 0:
         return dataset

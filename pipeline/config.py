@@ -82,6 +82,8 @@ class DataConfig(ConfigModel):
     loader_workers: int = Field(0, ge=0)
     shuffle_buffer: int = Field(1000, ge=0)
     random_flip: bool = False
+    # A shard whose sha256 differs from its manifest's (checked as it streams): stop, or drop it and go on.
+    on_corrupt_shard: Literal["fail", "skip"] = "fail"
     sample: SampleDataConfig = SampleDataConfig()
 
 
