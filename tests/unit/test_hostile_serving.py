@@ -43,11 +43,6 @@ def batch(n=2, value=7):
     return np.full((n, *SHAPE), value).tolist()
 
 
-def test_uint8_integers_are_scored(served):
-    status, text = post(served, batch())
-    assert status == 200, text
-    assert len(json.loads(text)["predictions"]) == 2
-
 
 @pytest.mark.parametrize(
     "pixels, what",
