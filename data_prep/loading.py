@@ -16,7 +16,8 @@ Integrity: every shard's bytes are hashed (sha256) as they stream in and compare
 manifest's `sha256` at the shard's end (`CorruptShardError` naming the shard). `on_corrupt="fail"`
 (default) raises it, stopping training; `on_corrupt="skip"` holds a shard's samples until its digest
 has checked (memory: one shard's raw bytes per reader), drops a corrupt shard's samples with a
-warning and counts it in `CORRUPT_SHARDS`. Cost: benchmarks/data.py, docs/benchmarks.md.
+warning and counts it in `CORRUPT_SHARDS`. A local shard found intact is not hashed again by the
+same process while its inode, size and mtime stay the same (`_VERIFIED`). Cost: benchmarks/data.py.
 
 Object storage: a split given as a URI (``s3://bucket/prefix/train``) is read the same way, each
 shard streamed in read-ahead ranges through fsspec (data_prep/storage.py), never copied to local disk
@@ -25,10 +26,7 @@ first; the shard lists, splitting, seeds and resampling are the same as for loca
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import io
-import logging
 import multiprocessing as mp
 import os
 import random
@@ -42,18 +40,12 @@ from PIL import Image
 from webdataset.utils import pytorch_worker_info
 
 from data_prep.manifest import read_manifest
-from data_prep.storage import RemotePath, as_path, open_binary
+from data_prep.shard_reading import CORRUPT_SHARDS, CorruptShardError, VerifiedTarSamples, tar_samples
+from data_prep.storage import RemotePath, as_path
 
-__all__ = ["CorruptShardError", "eval_loader", "read_manifest", "shard_urls", "train_loader"]
-
-log = logging.getLogger(__name__)
-ON_CORRUPT = ("fail", "skip")
-# Shards dropped by on_corrupt="skip" in this process (a loader worker counts its own): url -> times.
-CORRUPT_SHARDS: collections.Counter[str] = collections.Counter()
-
-
-class CorruptShardError(ValueError):
-    """A shard whose bytes do not hash to the sha256 its manifest records."""
+__all__ = [
+    "CORRUPT_SHARDS", "CorruptShardError", "eval_loader", "read_manifest", "shard_urls", "train_loader",
+]  # fmt: skip
 
 
 def _worker_context(num_workers: int):
@@ -80,69 +72,6 @@ def shard_digests(split_dir: str | os.PathLike) -> dict[str, str]:
     root = as_path(split_dir)
     root = root if isinstance(root, RemotePath) else Path(root).resolve()
     return {str(root / s["name"]): s["sha256"] for s in read_manifest(root)["shards"]}
-
-
-class _HashingReader:
-    """Read-only wrapper that hashes every byte read; forward seeks are reads (so nothing is skipped)."""
-
-    def __init__(self, raw):
-        self.raw, self.hash = raw, hashlib.sha256()
-
-    def read(self, n: int) -> bytes:
-        data = self.raw.read(n)
-        self.hash.update(data)
-        return data
-
-    def skip(self, n: int) -> None:
-        self.read(n)
-
-    def finish(self) -> str:
-        """The sha256 of the whole file (reads what the tar parser left unread: end blocks, padding)."""
-        while self.read(1 << 20):
-            pass
-        return self.hash.hexdigest()
-
-
-class _VerifiedTarSamples:
-    """Pipeline stage like `_tar_samples`, checking each shard's sha256 against `digests`.
-
-    fail: samples stream as read and the shard's end raises CorruptShardError on a mismatch (the
-    run stops before the next step completes). skip: a shard's samples are held until it checks."""
-
-    def __init__(self, digests: dict[str, str], on_corrupt: str = "fail"):
-        if on_corrupt not in ON_CORRUPT:
-            raise ValueError(f"on_corrupt_shard: must be one of {ON_CORRUPT}, got {on_corrupt!r}")
-        self.digests, self.on_corrupt = digests, on_corrupt
-
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        skipped_in_row = 0
-        for item in src:
-            url = item["url"]
-            expected = self.digests[url]
-            with open_binary(url) as raw:
-                f = _HashingReader(raw)
-                samples = _read_tar(f, url)
-                if self.on_corrupt == "fail":
-                    yield from samples
-                    held = []
-                else:
-                    held = list(samples)
-                actual = f.finish()
-            if actual == expected:
-                skipped_in_row = 0
-                yield from held
-                continue
-            message = (
-                f"{url}: corrupt shard (sha256 {actual[:12]}..., its manifest says {expected[:12]}...); "
-                "re-copy it, or run `python -m data_prep verify` on the split"
-            )
-            if self.on_corrupt == "fail":
-                raise CorruptShardError(message + "; data.on_corrupt_shard=skip trains on without it")
-            CORRUPT_SHARDS[url] += 1
-            log.warning("%s; skipped (data.on_corrupt_shard=skip)", message)
-            skipped_in_row += 1
-            if skipped_in_row > 2 * len(self.digests):
-                raise CorruptShardError(f"{message}; every shard read in a row was corrupt")
 
 
 def _seed(*parts: int | str) -> int:
@@ -172,73 +101,6 @@ def decode_png(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data), formats=("PNG",)) as img:
         arr = np.asarray(img)
     return arr[:, :, None] if arr.ndim == 2 else arr
-
-
-_BLOCK = 512
-_FILE_TYPES = (b"0", b"\0")
-
-
-def _tar_samples(src: Iterator[dict]) -> Iterator[dict]:
-    """Pipeline stage: {"url": path} -> samples {"__key__", "__url__", ext: bytes, ...}.
-
-    Replaces `wds.tarfile_to_samples()` for our own shards: it parses the 512-byte USTAR headers
-    directly instead of going through `tarfile`'s stream mode, which cost about as much per sample
-    as decoding a 64x64 PNG. Same grouping rule as webdataset (key = name up to the first dot of
-    the basename; consecutive members with one key form a sample). Long-name (pax/GNU) members,
-    which data_prep never writes, are rejected rather than misread.
-    """
-    for item in src:
-        url = item["url"]
-        with open_binary(url) as f:
-            yield from _read_tar(_Seeking(f), url)
-
-
-class _Seeking:
-    """`skip(n)` as a relative seek (unverified reads need not read the padding)."""
-
-    def __init__(self, raw):
-        self.read = raw.read
-        self.raw = raw
-
-    def skip(self, n: int) -> None:
-        self.raw.seek(n, os.SEEK_CUR)
-
-
-def _read_tar(f, url: str) -> Iterator[dict]:
-    """The samples of one shard; `f` has `read(n)` and `skip(n)`."""
-    sample: dict | None = None
-    while True:
-        header = f.read(_BLOCK)
-        if len(header) < _BLOCK or header.count(0) == _BLOCK:
-            break
-        try:
-            name = header[:100].rstrip(b"\0").decode("utf-8")
-            prefix = header[345:500].rstrip(b"\0").decode("utf-8")
-            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise CorruptShardError(f"{url}: corrupt tar header ({exc})") from None
-        kind = header[156:157]
-        data = f.read(size)
-        f.skip(-size % _BLOCK)
-        if len(data) != size:
-            raise ValueError(f"{url}: truncated tar member {name!r}")
-        if kind not in _FILE_TYPES:
-            if kind == b"5":
-                continue
-            raise ValueError(f"{url}: unsupported tar member type {kind!r} for {name!r}")
-        full = f"{prefix}/{name}" if prefix else name
-        slash = full.rfind("/") + 1
-        dot = full.find(".", slash)
-        if dot < 0:
-            continue
-        key, ext = full[:dot], full[dot + 1 :]
-        if sample is None or sample["__key__"] != key:
-            if sample is not None:
-                yield sample
-            sample = {"__key__": key, "__url__": url}
-        sample[ext] = data
-    if sample is not None:
-        yield sample
 
 
 class _Decode:
@@ -363,7 +225,7 @@ def train_loader(
     urls = list(digests)
     stream = _Stream(seed)
     shards = wds.ResampledShards(urls, worker_seed=stream.shard_seed, deterministic=True)
-    stages = [shards, _VerifiedTarSamples(digests, on_corrupt) if verify else _tar_samples]
+    stages = [shards, VerifiedTarSamples(digests, on_corrupt) if verify else tar_samples]
     if shuffle_buffer > 1:
         stages.append(_Shuffle(shuffle_buffer, stream))
     stages += [
@@ -422,14 +284,12 @@ def eval_loader(
         raise ValueError(f"rank {rank} outside world size {world_size}")
     digests = shard_digests(split_dir)
     urls = list(digests)
-    read = _VerifiedTarSamples(digests, on_corrupt) if verify else _tar_samples
+    read = VerifiedTarSamples(digests, on_corrupt) if verify else tar_samples
     decode = wds.map(_Decode(crop=center_crop, random_crop=False, flip=False, stream=None))
     batch = wds.batched(batch_size, collation_fn=_Collate(with_labels), partial=True)
     if len(urls) >= world_size:
         mine = urls[rank::world_size]
-        dataset = wds.DataPipeline(
-            wds.SimpleShardList(mine), wds.split_by_worker, read, decode, batch
-        )
+        dataset = wds.DataPipeline(wds.SimpleShardList(mine), wds.split_by_worker, read, decode, batch)
         num_workers = min(num_workers, len(mine))
     else:
         dataset = wds.DataPipeline(
