@@ -6,8 +6,9 @@ Builds a synthetic ImageNet-64 release in a temp dir (official layout, uncompres
 real files): 64x64 crops of scikit-image's bundled photographs at random scales, so PNG sizes and
 decode costs resemble real photos (noise would be ~2x larger and slower). Then measures
 1. conversion (`python -m data_prep imagenet`) in images/s, total and per worker process;
-2. reading through `train_loader(num_workers=0)` (tar parse, shuffle buffer, PNG decode, uint8
-   batches) in images/s on one core, and the PNG decode alone for reference.
+2. reading through `train_loader(num_workers=0)` (tar parse, shard sha256 check, shuffle buffer,
+   PNG decode, uint8 batches) in images/s on one core, the same without the sha256 check (its
+   cost, printed as a ratio), and the PNG decode alone for reference.
 Both wall-clock rates and images per CPU-second (this process plus its reaped worker processes)
 are printed: on a shared machine the CPU-second rate is the per-core figure that transfers.
 Prints one table. Numbers go to docs/benchmarks.md, section "Data (data_prep)".
@@ -16,6 +17,7 @@ Prints one table. Numbers go to docs/benchmarks.md, section "Data (data_prep)".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import resource
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data_prep import shard_reading
 from data_prep.loading import decode_png, train_loader
 from data_prep.sources.sample import available_photos, load_photo
 
@@ -100,12 +103,29 @@ def convert(root: Path, out: Path, workers: int, png_level: int) -> Timer:
     return t
 
 
-def read_rate(split_dir: Path, batches: int, batch_size: int = 256) -> tuple[int, Timer]:
-    loader = train_loader(split_dir, batch_size=batch_size, batches_per_epoch=batches, shuffle_buffer=1000)
+def read_rate(split_dir: Path, batches: int, batch_size: int = 256, verify: bool = True) -> tuple[int, Timer]:
+    loader = train_loader(
+        split_dir, batch_size=batch_size, batches_per_epoch=batches, shuffle_buffer=1000, verify=verify
+    )
     next(iter(train_loader(split_dir, batch_size=8, batches_per_epoch=1)))  # warm file cache and imports
     with Timer() as t:
         n = sum(b.shape[0] for b in loader)
     return n, t
+
+
+@contextlib.contextmanager
+def every_read_hashed():
+    """The loader with its per-process memory of intact shards disabled (a fresh worker per read)."""
+
+    class Forgetful(set):
+        def add(self, item) -> None:
+            pass
+
+    held, shard_reading._VERIFIED = shard_reading._VERIFIED, Forgetful()
+    try:
+        yield
+    finally:
+        shard_reading._VERIFIED = held
 
 
 def decode_rate(split_dir: Path, n: int = 3000) -> tuple[int, Timer]:
@@ -142,6 +162,22 @@ def main() -> None:
             sizes[level] = sum(p.stat().st_size for p in split.glob("*.tar")) / args.images
             n, t = read_rate(split, args.read_batches)
             rows.append((f"train_loader read, num_workers=0, png-level {level}", n, t, 1))
+            if level == 0:  # the shard sha256 check against the same read without it, back to back
+                n_off, t_off = read_rate(split, args.read_batches, verify=False)
+                name = "train_loader read without the shard sha256 check, png-level 0"
+                rows.append((name, n_off, t_off, 1))
+                shard_reading._VERIFIED.clear()
+                n_once, t_once = read_rate(split, args.read_batches)
+                rows.append(("... with it, each shard hashed once per process", n_once, t_once, 1))
+                with every_read_hashed():
+                    n_all, t_all = read_rate(split, args.read_batches)
+                rows.append(("... with it, every shard read hashed (worst case)", n_all, t_all, 1))
+                off = n_off / t_off.cpu
+                print(
+                    f"# shard sha256 check, cost in loader images per CPU-second: "
+                    f"{100 * (1 - n_once / t_once.cpu / off):+.1f}% hashing each shard once per process, "
+                    f"{100 * (1 - n_all / t_all.cpu / off):+.1f}% hashing every read"
+                )
             n, t = decode_rate(split)
             rows.append((f"PNG decode only (PIL -> numpy), png-level {level}", n, t, 1))
     print(

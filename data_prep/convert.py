@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import fcntl
 import json
 import math
 import multiprocessing as mp
@@ -92,6 +91,8 @@ def convert_split(source: SplitSource, opts: RunOptions) -> dict:
         raise ValueError(f"split {source.split!r} of {source.dataset_config().get('source')} has no images")
     split_dir = Path(opts.output) / source.split
     split_dir.mkdir(parents=True, exist_ok=True)
+    ownership.require_inside(split_dir, opts.output)
+    oid = ownership.output_id(opts.output)
     config = {
         "dataset": source.dataset_config(),
         "split": source.split,
@@ -105,12 +106,12 @@ def convert_split(source: SplitSource, opts: RunOptions) -> dict:
     config = json.loads(json.dumps(config))  # tuples -> lists, so it compares equal to what is read back
     n_shards = math.ceil(n / opts.shard_size)
     planned = [mf.shard_name(source.split, i) for i in range(n_shards)]
-    with _locked(split_dir):
+    with ownership.locked(split_dir / ownership.LOCK_NAME, oid):
         ownership.remove_temporaries(split_dir)
         # Checked before anything is deleted: files nobody recorded are never ours to replace.
         ownership.refuse_unrecorded_shards(split_dir)
-        _check_siblings(split_dir, config["dataset"], opts.overwrite)
-        previous, manifest_complete = _load_previous(split_dir, config, opts.overwrite)
+        _check_siblings(split_dir, config["dataset"], opts.overwrite, opts.output)
+        previous, manifest_complete = _load_previous(split_dir, config, opts.overwrite, opts.output)
         done = _still_valid(previous, split_dir, n_shards, opts.workers)
         pending = [i for i in range(n_shards) if i not in done]
         manifest_path = split_dir / mf.MANIFEST_NAME
@@ -118,9 +119,13 @@ def convert_split(source: SplitSource, opts: RunOptions) -> dict:
             if opts.progress:
                 print(f"{split_dir}: complete, {n_shards} shards verified; nothing to do", file=sys.stderr)
             return mf.load_json(manifest_path)
+        # Resuming deletes and rewrites what the records name: only when they are provably ours.
+        ownership.require_ours(split_dir, opts.output)
         # From here on the split is incomplete: the manifest must not claim otherwise. The progress
         # record names every planned shard first, so each file this run may write is on record.
-        record = ProgressRecord(split_dir=split_dir, config=config, planned=planned, command=opts.command)
+        record = ProgressRecord(
+            split_dir=split_dir, config=config, planned=planned, command=opts.command, output_id=oid
+        )
         record.write(done)
         manifest_path.unlink(missing_ok=True)
         for i in pending:
@@ -129,23 +134,13 @@ def convert_split(source: SplitSource, opts: RunOptions) -> dict:
             _run(source.plan(opts.shard_size), split_dir, pending, n, opts, record, done)
         assert sorted(done) == list(range(n_shards)), "every shard must be accounted for"
         manifest = _build_manifest(source, opts, config, [done[i] for i in range(n_shards)])
+        manifest[ownership.SIGNATURE_KEY] = ownership.signature("manifest", oid)
         mf.write_json_atomic(manifest_path, manifest)
         (split_dir / mf.PROGRESS_NAME).unlink(missing_ok=True)
     return manifest
 
 
-@contextlib.contextmanager
-def _locked(split_dir: Path):
-    # Two converters in one folder would interleave shards of different runs; make the second wait.
-    with open(split_dir / ownership.LOCK_NAME, "a") as f:  # "a": never truncates or touches it
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _check_siblings(split_dir: Path, dataset: dict, overwrite: bool) -> None:
+def _check_siblings(split_dir: Path, dataset: dict, overwrite: bool, output: Path) -> None:
     """Refuse to put a split of one dataset next to splits of another (with --overwrite: delete those)."""
     for sibling in sorted(p for p in split_dir.parent.iterdir() if p.is_dir() and p != split_dir):
         for name in (mf.MANIFEST_NAME, mf.PROGRESS_NAME):
@@ -153,7 +148,7 @@ def _check_siblings(split_dir: Path, dataset: dict, overwrite: bool) -> None:
             if path.exists():
                 other = mf.recorded_dataset(mf.load_json(path))
                 if other != dataset and overwrite:
-                    ownership.remove_recorded(sibling)
+                    ownership.remove_recorded(sibling, output)
                 elif other != dataset:
                     diffs = "; ".join(mf.config_differences(other or {}, dataset))
                     raise ConfigMismatch(
@@ -163,7 +158,9 @@ def _check_siblings(split_dir: Path, dataset: dict, overwrite: bool) -> None:
                 break
 
 
-def _load_previous(split_dir: Path, config: dict, overwrite: bool) -> tuple[dict[int, ShardRecord], bool]:
+def _load_previous(
+    split_dir: Path, config: dict, overwrite: bool, output: Path
+) -> tuple[dict[int, ShardRecord], bool]:
     """Shards an earlier run of the same config finished (not yet re-hashed), and whether it completed."""
     for name, complete_key in ((mf.MANIFEST_NAME, "complete"), (mf.PROGRESS_NAME, None)):
         path = split_dir / name
@@ -171,7 +168,7 @@ def _load_previous(split_dir: Path, config: dict, overwrite: bool) -> tuple[dict
             continue
         record = mf.load_json(path)
         if overwrite:
-            ownership.remove_recorded(split_dir)
+            ownership.remove_recorded(split_dir, output)
             return {}, False
         old = record.get("config")
         if old != config:
@@ -219,6 +216,7 @@ class ProgressRecord:
     config: dict
     planned: list[str]
     command: tuple[str, ...]
+    output_id: str
 
     def write(self, done: dict[int, ShardRecord]) -> None:
         shards = [{"index": i, **done[i].manifest_entry()} for i in sorted(done)]
@@ -228,6 +226,7 @@ class ProgressRecord:
             "planned": self.planned,
             "shards": shards,
             "command": list(self.command),
+            ownership.SIGNATURE_KEY: ownership.signature("progress", self.output_id),
         }
         mf.write_json_atomic(self.split_dir / mf.PROGRESS_NAME, record)
 

@@ -12,6 +12,13 @@ Evaluation (`eval_loader`): no resampling, no shuffling; every test image is rea
 across ranks (shards dealt to ranks round robin; with fewer shards than ranks, samples dealt by
 index). Reduce per-image sums across ranks, not means: ranks may get different batch counts.
 
+Integrity: every shard's bytes are hashed (sha256) as they stream in and compared with the
+manifest's `sha256` at the shard's end (`CorruptShardError` naming the shard). `on_corrupt="fail"`
+(default) raises it, stopping training; `on_corrupt="skip"` holds a shard's samples until its digest
+has checked (memory: one shard's raw bytes per reader), drops a corrupt shard's samples with a
+warning and counts it in `CORRUPT_SHARDS`. A local shard found intact is not hashed again by the
+same process while its inode, size and mtime stay the same (`_VERIFIED`). Cost: benchmarks/data.py.
+
 Object storage: a split given as a URI (``s3://bucket/prefix/train``) is read the same way, each
 shard streamed in read-ahead ranges through fsspec (data_prep/storage.py), never copied to local disk
 first; the shard lists, splitting, seeds and resampling are the same as for local files.
@@ -33,9 +40,12 @@ from PIL import Image
 from webdataset.utils import pytorch_worker_info
 
 from data_prep.manifest import read_manifest
-from data_prep.storage import RemotePath, as_path, open_binary
+from data_prep.shard_reading import CORRUPT_SHARDS, CorruptShardError, VerifiedTarSamples, tar_samples
+from data_prep.storage import RemotePath, as_path
 
-__all__ = ["eval_loader", "read_manifest", "shard_urls", "train_loader"]
+__all__ = [
+    "CORRUPT_SHARDS", "CorruptShardError", "eval_loader", "read_manifest", "shard_urls", "train_loader",
+]  # fmt: skip
 
 
 def _worker_context(num_workers: int):
@@ -54,9 +64,14 @@ def _worker_context(num_workers: int):
 
 def shard_urls(split_dir: str | os.PathLike) -> list[str]:
     """Absolute paths or URIs of the shards, in manifest order (ValueError if the manifest is bad)."""
+    return list(shard_digests(split_dir))
+
+
+def shard_digests(split_dir: str | os.PathLike) -> dict[str, str]:
+    """{absolute path or URI: manifest sha256} of the shards, in manifest order."""
     root = as_path(split_dir)
     root = root if isinstance(root, RemotePath) else Path(root).resolve()
-    return [str(root / s["name"]) for s in read_manifest(root)["shards"]]
+    return {str(root / s["name"]): s["sha256"] for s in read_manifest(root)["shards"]}
 
 
 def _seed(*parts: int | str) -> int:
@@ -86,54 +101,6 @@ def decode_png(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data), formats=("PNG",)) as img:
         arr = np.asarray(img)
     return arr[:, :, None] if arr.ndim == 2 else arr
-
-
-_BLOCK = 512
-_FILE_TYPES = (b"0", b"\0")
-
-
-def _tar_samples(src: Iterator[dict]) -> Iterator[dict]:
-    """Pipeline stage: {"url": path} -> samples {"__key__", "__url__", ext: bytes, ...}.
-
-    Replaces `wds.tarfile_to_samples()` for our own shards: it parses the 512-byte USTAR headers
-    directly instead of going through `tarfile`'s stream mode, which cost about as much per sample
-    as decoding a 64x64 PNG. Same grouping rule as webdataset (key = name up to the first dot of
-    the basename; consecutive members with one key form a sample). Long-name (pax/GNU) members,
-    which data_prep never writes, are rejected rather than misread.
-    """
-    for item in src:
-        url = item["url"]
-        with open_binary(url) as f:
-            sample: dict | None = None
-            while True:
-                header = f.read(_BLOCK)
-                if len(header) < _BLOCK or header.count(0) == _BLOCK:
-                    break
-                name = header[:100].rstrip(b"\0").decode("utf-8")
-                prefix = header[345:500].rstrip(b"\0").decode("utf-8")
-                size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-                kind = header[156:157]
-                data = f.read(size)
-                f.seek(-size % _BLOCK, os.SEEK_CUR)
-                if len(data) != size:
-                    raise ValueError(f"{url}: truncated tar member {name!r}")
-                if kind not in _FILE_TYPES:
-                    if kind == b"5":
-                        continue
-                    raise ValueError(f"{url}: unsupported tar member type {kind!r} for {name!r}")
-                full = f"{prefix}/{name}" if prefix else name
-                slash = full.rfind("/") + 1
-                dot = full.find(".", slash)
-                if dot < 0:
-                    continue
-                key, ext = full[:dot], full[dot + 1 :]
-                if sample is None or sample["__key__"] != key:
-                    if sample is not None:
-                        yield sample
-                    sample = {"__key__": key, "__url__": url}
-                sample[ext] = data
-            if sample is not None:
-                yield sample
 
 
 class _Decode:
@@ -240,6 +207,8 @@ def train_loader(
     random_crop: int | None = None,
     random_flip: bool = False,
     with_labels: bool = False,
+    on_corrupt: str = "fail",
+    verify: bool = True,
 ) -> TrainLoader:
     """Endless resampled shard stream cut into epochs of `batches_per_epoch` full batches per rank.
 
@@ -252,10 +221,11 @@ def train_loader(
         raise ValueError(
             f"batch_size and batches_per_epoch must be >= 1, got {batch_size}, {batches_per_epoch}"
         )
-    urls = shard_urls(split_dir)
+    digests = shard_digests(split_dir)
+    urls = list(digests)
     stream = _Stream(seed)
     shards = wds.ResampledShards(urls, worker_seed=stream.shard_seed, deterministic=True)
-    stages = [shards, _tar_samples]
+    stages = [shards, VerifiedTarSamples(digests, on_corrupt) if verify else tar_samples]
     if shuffle_buffer > 1:
         stages.append(_Shuffle(shuffle_buffer, stream))
     stages += [
@@ -297,6 +267,8 @@ def eval_loader(
     num_workers: int = 0,
     center_crop: int | None = None,
     with_labels: bool = False,
+    on_corrupt: str = "fail",
+    verify: bool = True,
 ):
     """Every image of the split exactly once across ranks, in uint8 (B, C, H, W) batches (last may be short).
 
@@ -310,18 +282,18 @@ def eval_loader(
         world_size = env_world if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    urls = shard_urls(split_dir)
+    digests = shard_digests(split_dir)
+    urls = list(digests)
+    read = VerifiedTarSamples(digests, on_corrupt) if verify else tar_samples
     decode = wds.map(_Decode(crop=center_crop, random_crop=False, flip=False, stream=None))
     batch = wds.batched(batch_size, collation_fn=_Collate(with_labels), partial=True)
     if len(urls) >= world_size:
         mine = urls[rank::world_size]
-        dataset = wds.DataPipeline(
-            wds.SimpleShardList(mine), wds.split_by_worker, _tar_samples, decode, batch
-        )
+        dataset = wds.DataPipeline(wds.SimpleShardList(mine), wds.split_by_worker, read, decode, batch)
         num_workers = min(num_workers, len(mine))
     else:
         dataset = wds.DataPipeline(
-            wds.SimpleShardList(urls), _tar_samples, _TakeEvery(rank, world_size), decode, batch
+            wds.SimpleShardList(urls), read, _TakeEvery(rank, world_size), decode, batch
         )
     if num_workers == 0:
         return dataset

@@ -7,12 +7,25 @@ planned (the progress record names every shard of a conversion before the first 
 so a shard renamed into place just before a crash is still named). Anything else is left alone,
 and a conversion refuses to write next to `.tar` files nobody recorded rather than mix with them.
 
+Ownership must be provable, not inferred from a file name: a `manifest.json` beside `--output`
+may be a web app's, another tool's WebDataset index, or a split folder may be a symlink to a
+dataset elsewhere. So every record data_prep writes (manifest, progress, lock) carries a signature
+`{"format": "eiw-data-prep/<kind>", "version": 1, "output_id": <id>}`, where the id is the random
+one in `OUTPUT/.data_prep.json`, written when data_prep first writes into that output. A record is
+ours only when its signature names this output's id and it lies inside `--output` once symlinks are
+resolved; deletion and overwrite go through `require_ours` and refuse anything else, naming it.
+
 Standard library only, like manifest.py.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
 import re
+import uuid
 from pathlib import Path
 
 from data_prep import manifest as mf
@@ -26,6 +39,100 @@ TEMPORARY_NAME = re.compile(
     rf"{re.escape(mf.PROGRESS_NAME)})\.\d+$"
 )
 SHOWN = 5  # file names listed in an error before "and N more"
+FORMAT = "eiw-data-prep"
+VERSION = 1
+SIGNATURE_KEY = "data_prep"
+OUTPUT_RECORD = ".data_prep.json"  # the output's own id, which every record of ours repeats
+
+
+def signature(kind: str, output_id: str) -> dict:
+    """The signature a record of `kind` (manifest, progress, lock, output) carries."""
+    return {"format": f"{FORMAT}/{kind}", "version": VERSION, "output_id": output_id}
+
+
+def output_id(output: Path, *, create: bool = True) -> str | None:
+    """The id of the output folder `output` (created, race-free, on first use when `create`).
+
+    ValueError naming the file when `.data_prep.json` exists but is not ours."""
+    path = Path(output) / OUTPUT_RECORD
+    if not path.exists():
+        if not create:
+            return None
+        oid = uuid.uuid4().hex
+        tmp = path.with_name(f"{mf.TMP_PREFIX}{OUTPUT_RECORD}.{os.getpid()}")
+        tmp.write_text(json.dumps({SIGNATURE_KEY: signature("output", oid)}) + "\n", encoding="utf-8")
+        try:
+            os.link(tmp, path)  # atomic and exclusive: a concurrent builder's id wins, whole
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    record = mf.load_json(path)
+    sig = record.get(SIGNATURE_KEY)
+    if not (
+        isinstance(sig, dict)
+        and sig.get("format") == f"{FORMAT}/output"
+        and sig.get("version") == VERSION
+        and isinstance(sig.get("output_id"), str)
+    ):
+        raise ValueError(f"{path}: not a data_prep output record; choose another --output")
+    return sig["output_id"]
+
+
+def require_inside(split_dir: Path, output: Path) -> None:
+    """ValueError unless `split_dir` is `output/<name>` after resolving symlinks."""
+    real, root = Path(split_dir).resolve(), Path(output).resolve()
+    if real.parent != root:
+        raise ValueError(
+            f"{split_dir} resolves to {real}, outside --output {root}; data_prep writes and deletes only "
+            "inside --output: remove the link, or give its target as --output"
+        )
+
+
+def require_ours(split_dir: Path, output: Path) -> None:
+    """ValueError naming the record unless every record in `split_dir` is provably ours.
+
+    Called before anything in `split_dir` is deleted or overwritten."""
+    require_inside(split_dir, output)
+    oid = output_id(output, create=False)
+    for record_name in (mf.MANIFEST_NAME, mf.PROGRESS_NAME):
+        path = Path(split_dir) / record_name
+        if not path.exists():
+            continue
+        sig = mf.load_json(path).get(SIGNATURE_KEY)
+        if not isinstance(sig, dict) or not str(sig.get("format", "")).startswith(f"{FORMAT}/"):
+            raise ValueError(
+                f"{path}: carries no data_prep signature, so data_prep cannot prove it wrote the files "
+                "it names (another tool's record, or one written before data_prep signed its records) "
+                f"and deletes or overwrites nothing it names: choose another --output, or move "
+                f"{split_dir} away yourself (a complete older conversion still reads and verifies: "
+                f"`python -m data_prep verify {split_dir}`)"
+            )
+        if sig.get("version") != VERSION:
+            raise ValueError(
+                f"{path}: data_prep signature version {sig.get('version')!r}, this data_prep writes "
+                f"{VERSION}; it will not delete what another version recorded: choose another --output"
+            )
+        if oid is None or sig.get("output_id") != oid:
+            raise ValueError(
+                f"{path}: signed for another data_prep output (output_id {sig.get('output_id')!r}, "
+                f"{Path(output) / OUTPUT_RECORD} says {oid!r}), e.g. a split copied or linked in from "
+                "elsewhere; data_prep will not delete it: move it away or choose another --output"
+            )
+
+
+@contextlib.contextmanager
+def locked(path: Path, output_id: str):
+    """An exclusive flock on `path`; the lock file carries our signature (written once, when empty)."""
+    with open(path, "a+") as f:  # "a": never truncates another builder's lock
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            if f.tell() == 0:
+                f.write(json.dumps({SIGNATURE_KEY: signature("lock", output_id)}) + "\n")
+                f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def recorded_shards(split_dir: Path) -> set[str]:
@@ -73,7 +180,7 @@ def refuse_unrecorded_shards(split_dir: Path) -> None:
 
 def foreign_entries(split_dir: Path) -> list[str]:
     """Everything in the split folder that data_prep did not put there (files and folders)."""
-    ours = recorded_shards(split_dir) | {mf.MANIFEST_NAME, mf.PROGRESS_NAME, LOCK_NAME}
+    ours = recorded_shards(split_dir) | {mf.MANIFEST_NAME, mf.PROGRESS_NAME, LOCK_NAME, OUTPUT_RECORD}
     return sorted(
         p.name
         for p in Path(split_dir).iterdir()
@@ -81,8 +188,11 @@ def foreign_entries(split_dir: Path) -> list[str]:
     )
 
 
-def remove_recorded(split_dir: Path) -> None:
-    """Delete the shards the split's records name, then the records themselves; nothing else."""
+def remove_recorded(split_dir: Path, output: Path) -> None:
+    """Delete the shards the split's records name, then the records themselves; nothing else.
+
+    Only when the records are provably ours (`require_ours`); otherwise ValueError naming them."""
+    require_ours(split_dir, output)
     for name in sorted(recorded_shards(split_dir)):
         (Path(split_dir) / name).unlink(missing_ok=True)
     for record_name in (mf.MANIFEST_NAME, mf.PROGRESS_NAME):

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from data_prep.storage import RemotePath, as_path
+from pipeline.checkpoint_digest import DIGEST_FILE, digest_problem, write_digest
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ def write_checkpoint(directory: str | os.PathLike, state: dict[str, Any], config
     state = {"format": FORMAT_VERSION, **state}
     _write_atomic(d / STATE_FILE, lambda f: torch.save(state, f))
     _write_atomic(d / CONFIG_FILE, lambda f: f.write(config_yaml.encode("utf-8")))
+    write_digest(d, STATE_FILE)  # last: checkpoint_digest.py
     _fsync_dir(d)
     return d
 
@@ -146,6 +148,9 @@ def read_checkpoint(
         if size == 0:
             raise CorruptCheckpointError(f"{path}: unreadable checkpoint (empty file)")
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        # After the load, so a truncated file keeps torch's reason; weights_only runs no code.
+        if (problem := digest_problem(path)) is not None:
+            raise CorruptCheckpointError(f"{path}: unreadable checkpoint ({problem}; {size} bytes)")
     except CorruptCheckpointError:
         raise
     except Exception as e:  # truncated or damaged: torch raises RuntimeError, EOFError, OSError, ...
@@ -174,6 +179,9 @@ def _read_remote(path: RemotePath, *, map_location: str | torch.device) -> dict:
         size = local.stat().st_size
         if size == 0:
             raise CorruptCheckpointError(f"{path}: unreadable checkpoint (empty file)")
+        digest = Path(tmp) / DIGEST_FILE
+        if (path.parent / DIGEST_FILE).is_file():
+            (path.parent / DIGEST_FILE).download_to(digest)
         try:
             state = torch.load(local, map_location=map_location, weights_only=True)
         except Exception as e:
@@ -181,6 +189,8 @@ def _read_remote(path: RemotePath, *, map_location: str | torch.device) -> dict:
             raise CorruptCheckpointError(
                 f"{path}: unreadable checkpoint ({type(e).__name__}: {reason}; {size} bytes)"
             ) from e
+        if (problem := digest_problem(local, digest)) is not None:
+            raise CorruptCheckpointError(f"{path}: unreadable checkpoint ({problem}; {size} bytes)")
     return _checked(state, path)
 
 

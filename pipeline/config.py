@@ -83,6 +83,8 @@ class DataConfig(ConfigModel):
     loader_workers: int = Field(0, ge=0)
     shuffle_buffer: int = Field(1000, ge=0)
     random_flip: bool = False
+    # A shard whose sha256 differs from its manifest's (checked as it streams): stop, or drop it and go on.
+    on_corrupt_shard: Literal["fail", "skip"] = "fail"
     sample: SampleDataConfig = SampleDataConfig()
 
 
@@ -250,6 +252,9 @@ class MlflowConfig(ConfigModel):
     system_metrics: bool = True
     system_metrics_interval_s: float = Field(10.0, gt=0)
     parent_run_id: str = ""
+    # A resumed checkpoint names an MLflow run this tracking server lacks: fail (say so), or start a
+    # new run tagged pipeline.previous_run_id with the old id.
+    on_missing_run: Literal["fail", "new"] = "fail"
 
     @model_validator(mode="after")
     def _registry_needs(self) -> MlflowConfig:

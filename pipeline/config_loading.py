@@ -144,7 +144,13 @@ def with_overrides(
 
 # ----------------------------------------------------------------------------------- validation
 def validate(model: type[M], data: Any, *, source: str = "") -> M:
-    """``model`` from plain data; ConfigError naming every bad dotted key (and ``source``)."""
+    """``model`` from plain data; ConfigError naming every bad dotted key (and ``source``).
+
+    Scalars are strict first (pipeline/strict_scalars.py): no bool or str where a number goes."""
+    from pipeline.strict_scalars import scalar_problems
+
+    if strict := scalar_problems(model, data):
+        raise ConfigError(strict, source)
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as e:

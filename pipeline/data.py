@@ -101,6 +101,7 @@ def make_train_loader(cfg: DataConfig, *, seed: int):
         seed=seed,
         random_crop=train_crop(cfg.root),
         random_flip=cfg.random_flip,
+        on_corrupt=cfg.on_corrupt_shard,
     )
 
 
@@ -114,6 +115,7 @@ def make_eval_loader(cfg: DataConfig, *, rank: int, world_size: int):
         world_size=world_size,
         num_workers=cfg.loader_workers,
         center_crop=train_crop(cfg.root),
+        on_corrupt=cfg.on_corrupt_shard,
     )
 
 

@@ -3,6 +3,7 @@ the checkpoint (``mlflow.log_checkpoint``), the model with its lineage, and its 
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ def log_final_artifacts(
             final = write_checkpoint(Path(tmp) / checkpoint_name(step), snapshot, config_to_yaml(cfg))
             tracker.log_large_artifacts([final], f"checkpoint/{final.name}")
     version = None
+    require_finite_score(state.test_bits_per_dim, step)  # before any model is logged or registered
     if cfg.mlflow.log_model:
         lineage = model_metadata(cfg.model_dump(mode="json"), code_version(), shard_datasets(cfg.data.root))
         model_uri = log_flow_model(state.flow, test_bpd=state.test_bits_per_dim, lineage=lineage)
@@ -84,3 +86,14 @@ def _tensor_bytes(obj: Any) -> int:
     if isinstance(obj, list | tuple):
         return sum(_tensor_bytes(v) for v in obj)
     return 0
+
+
+def require_finite_score(test_bpd: float, step: int) -> None:
+    """ValueError when the test score is NaN or infinite: such a model is broken (diverged, or its
+    weights corrupted) and must never become a model version or move an alias."""
+    if not math.isfinite(test_bpd):
+        raise ValueError(
+            f"step {step}: test bits/dim is {test_bpd} (non-finite): the model is broken (diverged, or "
+            "resumed from damaged weights); training stopped and nothing was registered. Resume from an "
+            "earlier checkpoint (move the newer checkpoint_* directories away) or lower optim.lr"
+        )

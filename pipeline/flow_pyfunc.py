@@ -16,7 +16,15 @@ permutations are buffers, so they come back with the weights.
 
 ``FlowPyfunc`` is the ``mlflow.pyfunc.PythonModel`` logged *from code* (``flow_pyfunc_model.py``,
 three lines that import this module from the installed package; nothing is cloudpickled). Input: a
-uint8 batch ``(N, C, H, W)``, declared as a tensor spec. ``params``:
+batch ``(N, C, H, W)`` of pixels, uint8 or integers in 0..255; floats and booleans are refused (400),
+never cast. The input is deliberately left out of the signature: MLflow's scoring server casts a JSON
+body to the declared dtype (``np.array(data, dtype=uint8)``), so 1.7 or ``true`` became 1 and was
+scored before the model saw it. ``predict`` checks dtype, range and shape itself, first.
+
+Work is bounded up front: a bits/dim request costs N x num_samples flow passes and may cost at most
+``max_work`` (``MAX_WORK``, 1024 by default; the model_config key ``max_work`` changes it at load
+time), a 400 beyond. So no request can keep a core busy long after the server's timeout answered 504.
+``params``:
 
 - ``mode="bits_per_dim"`` (default): float64 ``(N,)``, ``model.bits_per_dim(x)`` with the
   dequantization noise drawn from ``torch.Generator().manual_seed(seed)`` (and every other noise, the
@@ -43,7 +51,7 @@ import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
-from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.types.schema import ParamSchema, ParamSpec
 
 from flows import FlowConfig, FlowModel, build_flow
 from pipeline.config import flow_config_from_dict
@@ -73,6 +81,9 @@ DEFAULT_PARAMS: dict[str, Any] = {
 MAX_IWBO_SAMPLES = 10_000
 # One request must not be able to exhaust a serving host's memory.
 MAX_SAMPLES = 1024
+# Flow passes (images x num_samples) one bits/dim request may cost: a paper-scale model scores ~20-50
+# images/s per CPU core, so this finishes well inside the scoring server's default 60 s timeout.
+MAX_WORK = 1024
 
 
 class UnsafeModelFileError(ValueError):
@@ -140,13 +151,13 @@ def read_flow_files(
 
 # ---------------------------------------------------------------------------------------- signature
 def signature_for(cfg: FlowConfig) -> ModelSignature:
-    """Input: uint8 ``(-1, C, H, W)`` (unnamed tensor); params: mode, seed, num, temperature, num_samples.
+    """Params only: mode, seed, num, temperature, num_samples.
 
-    No output schema: the output is float64 ``(N,)`` bits/dim or uint8 ``(num, C, H, W)`` images,
-    depending on ``mode``, and one schema cannot say both.
+    No input schema: the scoring server would cast the request's pixels to it before ``predict``
+    could refuse floats and booleans (module doc). No output schema: the output is float64 ``(N,)``
+    bits/dim or uint8 ``(num, C, H, W)`` images, depending on ``mode``, and one schema cannot say both.
     """
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *cfg.image_shape))]),
         params=ParamSchema(
             [
                 ParamSpec("mode", "string", DEFAULT_PARAMS["mode"]),
@@ -175,8 +186,15 @@ def _as_uint8_batch(model_input: Any, cfg: FlowConfig) -> torch.Tensor:
         model_input = model_input.cpu().numpy()
     if not isinstance(model_input, np.ndarray):
         raise _invalid(f"expected a uint8 array (N, C, H, W), got {type(model_input).__name__}")
+    # Checked before any cast: a float or boolean pixel is a client bug, not something to truncate.
+    if model_input.dtype == np.bool_ or not np.issubdtype(model_input.dtype, np.integer):
+        raise _invalid(f"expected uint8 pixels (integers in 0..255), got dtype {model_input.dtype}")
     if model_input.dtype != np.uint8:
-        raise _invalid(f"expected uint8 pixels in 0..255, got dtype {model_input.dtype}")
+        if model_input.size and (model_input.min() < 0 or model_input.max() > 255):
+            raise _invalid(
+                f"expected pixels in 0..255, got values from {model_input.min()} to {model_input.max()}"
+            )
+        model_input = model_input.astype(np.uint8)
     if model_input.ndim != 4 or tuple(model_input.shape[1:]) != cfg.image_shape or not len(model_input):
         raise _invalid(
             f"expected a non-empty batch of shape (N, {', '.join(map(str, cfg.image_shape))}), "
@@ -196,6 +214,7 @@ class FlowPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         device = (context.model_config or {}).get("device", "cpu")
+        self.max_work = int((context.model_config or {}).get("max_work", MAX_WORK))
         self.model = read_flow_files(
             context.artifacts[WEIGHTS_ARTIFACT], context.artifacts[CONFIG_ARTIFACT], map_location=device
         )
@@ -212,6 +231,13 @@ class FlowPyfunc(mlflow.pyfunc.PythonModel):
             num_samples = int(p["num_samples"])
             if not 1 <= num_samples <= MAX_IWBO_SAMPLES:
                 raise _invalid(f"num_samples: must be in 1..{MAX_IWBO_SAMPLES}, got {num_samples}")
+            budget = getattr(self, "max_work", MAX_WORK)
+            if len(x) * num_samples > budget:
+                raise _invalid(
+                    f"{len(x)} images x num_samples {num_samples} = {len(x) * num_samples} flow passes, "
+                    f"more than this server's budget of {budget} per request: send fewer images or "
+                    "fewer samples per request"
+                )
             with torch.no_grad(), seeded_noise(seed, device):
                 if num_samples == 1:
                     bpd = self.model.bits_per_dim(x, generator=generator)

@@ -34,7 +34,12 @@ from pipeline.console import Console
 from pipeline.data import make_eval_loader, make_train_loader, train_batches
 from pipeline.evaluation import evaluate_iwbo, seeded_noise
 from pipeline.faults import NO_FAULTS, Faults
-from pipeline.final_artifacts import FINAL_STEP_TAG, MODEL_VERSION_TAG, log_final_artifacts
+from pipeline.final_artifacts import (
+    FINAL_STEP_TAG,
+    MODEL_VERSION_TAG,
+    log_final_artifacts,
+    require_finite_score,
+)
 from pipeline.lineage import GIT_COMMITS_TAG, code_tags, code_version, shard_datasets
 from pipeline.metric_window import MetricWindow
 from pipeline.runtime import LocalRuntime, Runtime
@@ -258,6 +263,7 @@ class Trainer:
             bpd, count = evaluate(state.flow, test_loader, runtime=runtime, seed=cfg.run.seed)
         tracker.log_metrics(state.step, {"test/bits_per_dim": bpd})
         console.say(f"step {state.step}/{cfg.total_steps} | test bits/dim {bpd:.4f} over {count} images")
+        require_finite_score(bpd, state.step)  # a broken model stops here, before sampling or registering
         if cfg.run.iwbo_samples and state.step == cfg.total_steps:
             k = cfg.run.iwbo_samples
             iwbo, _ = evaluate_iwbo(

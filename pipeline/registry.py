@@ -40,6 +40,7 @@ from pipeline.flow_pyfunc import (
     CONFIG_ARTIFACT,
     FORMAT,
     FORMAT_KEY,
+    MAX_WORK,
     MODEL_CODE_PATH,
     WEIGHTS_ARTIFACT,
     input_example_for,
@@ -89,7 +90,7 @@ def _model_kwargs(
         # Declared so that it can be overridden at load time (MLflow drops keys not logged here):
         # ``load_model(..., model_config={"device": "cuda"})`` or, for ``mlflow models serve``, the
         # environment variable MLFLOW_PYFUNC_INFERENCE_CONFIG='{"device": "cuda"}'.
-        "model_config": {"device": "cpu"},
+        "model_config": {"device": "cpu", "max_work": MAX_WORK},
     }
 
 
@@ -122,6 +123,8 @@ def _champion_bpd(client: MlflowClient, name: str, alias: str) -> float | None:
 
 def register(model_uri: str, *, cfg: MlflowConfig, test_bpd: float, run_id: str) -> ModelVersion:
     """Register ``model_uri`` under ``cfg.registered_model``; set the newest alias, maybe the champion."""
+    if not math.isfinite(test_bpd):  # a broken model never becomes a version nor moves an alias
+        raise ValueError(f"refusing to register {model_uri}: its test bits/dim is {test_bpd} (non-finite)")
     client = MlflowClient(cfg.tracking_uri)
     version = mlflow.register_model(model_uri, cfg.registered_model, tags={BPD_TAG: repr(float(test_bpd))})
     name, number = cfg.registered_model, version.version

@@ -36,6 +36,7 @@ import numpy as np
 from mlflow.data.dataset import Dataset
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 from mlflow.tracking import fluent as mlflow_fluent
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 1000  # MLflow's log_batch accepts at most 1000 metrics per call
 RUN_NAME_TAG = "pipeline.run_name"
+PREVIOUS_RUN_TAG = "pipeline.previous_run_id"  # mlflow.on_missing_run=new: the run the checkpoint named
 SYSTEM_PREFIX = "system/"  # MLflow's system metrics: stepped by their own monitor, not by us
 # log_image's files: images/<key with / as ~>+step+<step>+timestamp+<ms>+<uuid>[+compressed].<ext>
 # (older MLflow versions used % and #).
@@ -155,6 +157,18 @@ class Tracker:
         self._client = MlflowClient(self.cfg.tracking_uri)
         if mlflow.active_run() is not None:
             mlflow.end_run()  # a run left open in this process by an earlier fit
+        if run_id is not None and not self._run_exists(run_id):
+            if self.cfg.on_missing_run != "new":
+                raise ValueError(
+                    f"the checkpoint of run {run_name!r} continues MLflow run {run_id}, which the tracking "
+                    f"server at {self.cfg.tracking_uri} does not have (another server, or a reset "
+                    f"database?). Either train under a new run.name (starts over), or pass "
+                    f"mlflow.on_missing_run=new to keep the checkpoint's progress in a new MLflow run "
+                    f"tagged {PREVIOUS_RUN_TAG}={run_id}"
+                )
+            log.warning("MLflow run %s is not on %s: starting a new one", run_id, self.cfg.tracking_uri)
+            tags = {**tags, PREVIOUS_RUN_TAG: run_id}
+            run_id = None
         if run_id is not None:
             with _active_experiment_lifted():
                 run = mlflow.start_run(run_id=run_id, log_system_metrics=False)
@@ -182,6 +196,17 @@ class Tracker:
         mlflow.set_tags({RUN_NAME_TAG: run_name, **tags})
         if self.cfg.system_metrics:
             self._start_system_metrics(resumed=run_id is not None)
+
+    def _run_exists(self, run_id: str) -> bool:
+        """Whether the tracking server has ``run_id`` (False only when it says it does not exist;
+        any other failure, an unreachable server, propagates)."""
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as e:
+            if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                return False
+            raise
+        return True
 
     def _read_held(self, run_id: str, resumed_from: int | None) -> None:
         """What earlier attempts of this run already logged: metric steps, images, the order history."""

@@ -82,6 +82,26 @@ def warn_if_ephemeral(raw: TrainConfig, cfg: TrainConfig) -> None:
         )
 
 
+def environment_error(exc: BaseException) -> str | None:
+    """One line for an OS error or an unreachable object store in ``exc`` or its causes (Ray wraps a
+    worker's error), naming the file or endpoint; None when the failure is something else."""
+    from data_prep.cli import error_line
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError):
+            return error_line(exc)
+        if type(exc).__module__.startswith("botocore") and "Connection" in type(exc).__name__:
+            return one_line(f"object storage unreachable: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -106,9 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(cfg)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - report the cause in one line, keep the traceback above it
+        if (cause := environment_error(e)) is not None:
+            # The machine's complaint (run.root a file or read-only, an unreachable object store):
+            # the user's to fix, like bad input, so one line and exit 2, as data_prep does.
+            print(f"error: {cause}", file=sys.stderr)
+            return 2
         log.exception("training failed")
         print(f"error: training failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

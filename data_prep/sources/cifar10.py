@@ -2,25 +2,24 @@
 
 Each batch is a pickle of a dict with b"data" (10000 x 3072 uint8, planar: 1024 R, 1024 G, 1024 B,
 row-major 32x32) and b"labels" (0..9). Labels are already 0-based (label_offset 0). --input may be
-the `cifar-10-batches-py` folder or its parent. Batches are read with a restricted unpickler
-(data_prep/restricted_pickle.py): a file that names any callable beyond numpy's array rebuilders
-is refused before anything in it runs.
+the `cifar-10-batches-py` folder or its parent. Batches are never unpickled: data_prep/cifar_pickle.py
+reads the pickle opcodes and accepts exactly the official structure, building the array from the
+raw bytes after checking its declared shape against them.
 """
 
 from __future__ import annotations
 
 import functools
-import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from data_prep.cifar_pickle import CifarPickleError, read_batch
 from data_prep.convert import SplitSource
 from data_prep.images import encode_png
 from data_prep.labels import integer_labels
-from data_prep.restricted_pickle import load_data_pickle
 from data_prep.sources import Source
 from data_prep.writer import Sample
 
@@ -47,15 +46,13 @@ class BatchFile:
 def load_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(data (N, 32, 32, 3) uint8, labels (N,) int64); ValueError naming the file on any defect."""
     try:
-        # Never pickle.load: a batch file is data from the internet, and a pickle can name any
-        # callable. The restricted unpickler rebuilds numpy arrays and refuses everything else.
-        d = load_data_pickle(path, encoding="bytes")
+        # Never unpickle: a batch file is data from the internet; even numpy's own rebuilders,
+        # given a forged dtype, read its bytes as object pointers. See data_prep/cifar_pickle.py.
+        d = read_batch(path)
     except FileNotFoundError:
         raise ValueError(f"missing {path}") from None
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"{path}: not a CIFAR-10 batch we can read safely ({exc})") from exc
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
-        raise ValueError(f"{path}: not a readable CIFAR-10 batch, truncated or corrupt ({exc})") from exc
+    except CifarPickleError as exc:
+        raise ValueError(f"{path}: not a CIFAR-10 batch we can read safely ({exc})") from None
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
         raise ValueError(f"{path}: expected a dict with b'data' and b'labels'")
     data = d[b"data"]

@@ -14,7 +14,9 @@ block at a time; a worker handles a contiguous run of shards and reads each file
 
 from __future__ import annotations
 
+import math
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,8 +99,15 @@ def read_header(path: Path) -> tuple[int, int]:
                 raise ValueError(f"{path}: npz must hold 'data' and 'labels', found {sorted(names)}")
             with zf.open("data.npy") as f:
                 shape, dtype = _npy_header(f, path)
+                _check_declared_size(path, "data", zf.getinfo("data.npy").file_size, f.tell(), shape, dtype)
+            with zf.open("labels.npy") as f:
+                label_shape, label_dtype = _npy_header(f, path, "labels")
+                size = zf.getinfo("labels.npy").file_size
+                _check_declared_size(path, "labels", size, f.tell(), label_shape, label_dtype)
     except zipfile.BadZipFile as exc:
         raise ValueError(f"{path}: not a readable npz, truncated or corrupt ({exc})") from exc
+    except zlib.error as exc:
+        raise ValueError(f"{path}: corrupt deflate stream ({exc})") from None
     except OSError as exc:
         raise ValueError(f"{path}: cannot read ({exc})") from exc
     if dtype != np.uint8 or len(shape) != 2:
@@ -106,7 +115,20 @@ def read_header(path: Path) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def _npy_header(f, path: Path):
+def _check_declared_size(path: Path, name: str, member_size: int, header_end: int, shape, dtype) -> None:
+    """The npy header's shape x itemsize must be what the zip member holds: a header that declares
+    2**40 rows would otherwise be believed (np.load allocates it: MemoryError) or read past its end."""
+    if dtype.hasobject:
+        raise ValueError(f"{path}: '{name}' holds Python objects; an npz release holds numbers only")
+    declared = math.prod(shape) * dtype.itemsize
+    if header_end + declared != member_size:
+        raise ValueError(
+            f"{path}: '{name}' declares shape {shape} of {dtype} ({declared} bytes), but its member holds "
+            f"{member_size - header_end} bytes after the header: truncated or corrupt"
+        )
+
+
+def _npy_header(f, path: Path, name: str = "data"):
     try:
         version = np.lib.format.read_magic(f)
         read = (
@@ -114,9 +136,9 @@ def _npy_header(f, path: Path):
         )
         shape, fortran_order, dtype = read(f)
     except ValueError as exc:
-        raise ValueError(f"{path}: 'data' is not a valid npy array ({exc})") from exc
+        raise ValueError(f"{path}: '{name}' is not a valid npy array ({exc})") from exc
     if fortran_order:
-        raise ValueError(f"{path}: 'data' is Fortran-ordered; expected C order (one image per row)")
+        raise ValueError(f"{path}: '{name}' is Fortran-ordered; expected C order")
     return shape, dtype
 
 
@@ -125,8 +147,8 @@ def read_labels(path: Path, rows: int) -> np.ndarray:
     try:
         with np.load(path) as z:  # allow_pickle stays False: an object array is refused, not run
             raw = np.asarray(z["labels"])
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
-        raise ValueError(f"{path}: cannot read 'labels' ({exc})") from exc
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, zlib.error) as exc:
+        raise ValueError(f"{path}: cannot read 'labels' ({type(exc).__name__}: {exc})") from exc
     if raw.size != rows:
         raise ValueError(f"{path}: {raw.size} labels for {rows} images")
     try:
@@ -217,7 +239,7 @@ class ImagenetSplit(SplitSource):
                             label=int(labels[row + i]) + LABEL_OFFSET,
                         )
                     row += k
-        except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
             raise ValueError(f"{f.path}: corrupt or truncated npz ({type(exc).__name__}: {exc})") from exc
 
 

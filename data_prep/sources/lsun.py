@@ -63,10 +63,30 @@ def open_env(path: Path) -> lmdb.Environment:
     key = str(path)
     if key not in _envs:
         try:
-            _envs[key] = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False)
+            env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False)
         except lmdb.Error as exc:
             raise ValueError(f"{path}: cannot open as lmdb ({exc})") from exc
+        try:
+            _check_file_size(path, env)
+        except ValueError:
+            env.close()
+            raise
+        _envs[key] = env
     return _envs[key]
+
+
+def _check_file_size(path: Path, env: lmdb.Environment) -> None:
+    """The pages the lmdb's meta page says are in use must be in the file: lmdb maps the file and
+    reads pages in place, so a page past the end of a truncated file is a SIGBUS (the process dies
+    with no message), not an error it could report."""
+    data = Path(path) / "data.mdb" if Path(path).is_dir() else Path(path)
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    have = data.stat().st_size
+    if have < needed:
+        raise ValueError(
+            f"{path}: truncated lmdb ({data.name} holds {have} bytes, its meta page says {needed} are in "
+            "use); copy it again"
+        )
 
 
 @contextlib.contextmanager

@@ -12,9 +12,7 @@ Deterministic given the seed; the test photos are fixed so every seed evaluates 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import functools
 import importlib.util
 import sys
@@ -28,7 +26,7 @@ from PIL import Image
 from data_prep.convert import ConfigMismatch, RunOptions, SplitSource, convert_split
 from data_prep.images import DEFAULT_PNG_LEVEL, RESAMPLE, encode_png, open_file, to_array, to_rgb
 from data_prep.manifest import MANIFEST_NAME, PROGRESS_NAME, load_json, recorded_dataset
-from data_prep.ownership import foreign_entries, name_list
+from data_prep.ownership import OUTPUT_RECORD, foreign_entries, locked, name_list, output_id
 from data_prep.sources import Source
 from data_prep.writer import Sample
 
@@ -211,7 +209,7 @@ def ensure_sample_shards(
         png_level=png_level,
     )
     refuse_foreign_content(out)  # before the lock file: a refused folder gets nothing of ours
-    with _locked(out / SAMPLE_LOCK_NAME):
+    with locked(out / SAMPLE_LOCK_NAME, output_id(out)):
         refuse_foreign_content(out)  # again, now that no other builder is writing
         for source in sample_sources(opts):
             try:
@@ -230,7 +228,9 @@ def refuse_foreign_content(out: Path) -> None:
     """ValueError naming the folder unless `out` holds nothing but (parts of) data_prep builds."""
     splits = {"train", "test"}
     foreign = sorted(
-        p.name for p in out.iterdir() if p.name != SAMPLE_LOCK_NAME and not (p.name in splits and p.is_dir())
+        p.name
+        for p in out.iterdir()
+        if p.name not in (SAMPLE_LOCK_NAME, OUTPUT_RECORD) and not (p.name in splits and p.is_dir())
     )
     if foreign:
         raise ValueError(
@@ -293,13 +293,3 @@ SOURCE = Source(
     needs_input=False,
     shard_size=DEFAULT_SHARD_SIZE,
 )
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)

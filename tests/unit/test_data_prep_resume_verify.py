@@ -80,6 +80,7 @@ def test_interrupted_run_resumes_from_progress_record(reference, tmp_path):
                 "config": m["config"],
                 "complete": False,
                 "shards": [{"index": i, **s} for i, s in enumerate(kept)],
+                "data_prep": {**m["data_prep"], "format": "eiw-data-prep/progress"},
             }
         )
     )

@@ -87,7 +87,8 @@ def test_object_checkpoints_commit_state_last_and_keep_the_newest(bucket, tmp_pa
             assert not staged.exists()
     finally:
         RemotePath.upload_from = real
-    assert order == [CONFIG_FILE, STATE_FILE] * 3  # state.pt, the commit point, last
+    # state.pt, the commit point, last; its digest (pipeline/checkpoint_digest.py) before it
+    assert order == [CONFIG_FILE, "state.pt.sha256", STATE_FILE] * 3
     assert [p.name for p in store.all()] == [checkpoint_name(4), checkpoint_name(6)]
     assert not (bucket / "run" / checkpoint_name(2)).exists()
     # An upload cut short before state.pt: the folder is no checkpoint at all.
