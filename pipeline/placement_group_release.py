@@ -107,8 +107,9 @@ class ReleasePlacementGroupOnControllerExit(ControllerCallback, WorkerGroupCallb
     def after_controller_start(self, train_run_context: Any) -> None:
         controller = ray.get_runtime_context().current_actor
         watchdog_cls = ray.remote(num_cpus=0)(PlacementGroupWatchdog)
+        # "DEFAULT": outside any placement group the controller's caller captures (a Tune trial's).
         self._watchdog = watchdog_cls.options(
-            lifetime="detached", resources={HEAD_NODE_RESOURCE: 0.001}
+            lifetime="detached", resources={HEAD_NODE_RESOURCE: 0.001}, scheduling_strategy="DEFAULT"
         ).remote(controller)
 
     def after_worker_group_start(self, worker_group: Any) -> None:
