@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import secrets
 import subprocess
 import sys
 import time
@@ -127,6 +127,12 @@ def ray_start_head(tmp_path, probe_env):
         f"--ray-client-server-port={free_port()}", "--object-store-memory=100000000",
         f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]  # fmt: skip
+    # Token authentication, as infra/local/ray_cluster.sh starts a cluster: one token for the head
+    # and every client (the search subprocess inherits probe_env).
+    token = tmp_path / "ray-auth-token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    probe_env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     log = tmp_path / "ray-head.log"
     with open(log, "wb") as f:
         head = subprocess.Popen(
@@ -143,13 +149,14 @@ def ray_start_head(tmp_path, probe_env):
             assert time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(2)
         yield address
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
+    finally:  # the head and every process it started: its session (ours, start_new_session)
+        subprocess.run(["pkill", "-TERM", "-s", str(head.pid)], check=False)
         try:
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=10)
+            pass
+        subprocess.run(["pkill", "-KILL", "-s", str(head.pid)], check=False)
+        head.wait(timeout=10)
 
 
 def test_search_on_ray_start_cluster_releases_stopped_trials(
