@@ -31,7 +31,8 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).with_name("ray")
-SEARCH_BOUND_S = 240  # about 70 s when the placement groups are released; a leak hangs it forever
+# 70-120 s when the placement groups are released (240 s seen on a busy machine); a leak hangs it forever.
+SEARCH_BOUND_S = 420
 SETTLE_S = 30  # a stopped trial's controller dies a moment after Tune ends the trial
 LIVE_STATES = ("CREATED", "PENDING", "PREPARED", "RESCHEDULING")
 
