@@ -29,8 +29,22 @@ PROJECT_LINE = re.compile(
 )
 
 
+# A Ray process's lines arrive behind "(ActorName pid=N) "; a traceback's body (indented frames, the
+# header and the exception line) belongs to the message above it. On an overloaded machine Ray Train
+# warns, with a traceback, that a resource request timed out ("safe to ignore ... CPU being
+# overloaded"): one message, counted once.
+RAY_PREFIX = re.compile(r"^(\x1b\[\d+m)?\([\w:]+ pid=\d+\)(\x1b\[0m)? ")
+TRACEBACK_BODY = re.compile(r"^(\s|Traceback \(most recent call last\)|[\w.]+(Error|Exception): )")
+
+
 def library_lines(output: str) -> list[str]:
-    return [line for line in output.split("\n") if line.strip() and not PROJECT_LINE.search(line)]
+    """The lines that are neither the project's nor the body of a traceback."""
+    lines = []
+    for line in output.split("\n"):
+        text = RAY_PREFIX.sub("", line)
+        if text.strip() and not PROJECT_LINE.search(line) and not TRACEBACK_BODY.match(text):
+            lines.append(line)
+    return lines
 
 
 def test_the_train_command_prints_the_project_and_few_library_lines(tmp_path, tiny_shards):
