@@ -4,8 +4,8 @@
 the other integration tests share a Ray instance, which ``ray_session`` would join instead). Before
 pipeline/console.py, the quick start printed 73 "PlacementGroupCleaner: Failed to query ..."
 warnings and Ray Train's ``TrainingReport(...)`` dump at every checkpoint among 159 lines; on
-2026-12-04 the sample config printed 16 lines, 4 of them not the project's (Ray's start and token
-notice, MLflow's two registry lines).
+2026-12-04 ``python -m pipeline.train --config configs/sample.yaml`` printed 51 lines, 4 of them not
+the project's (Ray's start and token notice, MLflow's two registry lines).
 """
 
 from __future__ import annotations
