@@ -26,6 +26,7 @@ from pydantic import Field
 from pipeline.ablation_report import RunRow, append_run, read_runs, summarize, write_summary
 from pipeline.config import TrainConfig, load_config, resolve
 from pipeline.config_loading import ConfigModel, Overrides, as_overrides, load_file
+from pipeline.logging_setup import configure_console
 
 log = logging.getLogger("pipeline.compare")
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", metavar="section.key=value", help="config overrides applied to every run"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_console()
     try:
         comparison = load_comparison(args.config)
         variants = args.variants or list(comparison.variants)

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -40,7 +41,9 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.checkpoint import checkpoint_order, dead_staging, list_checkpoints
 from pipeline.config import TrainConfig, checkpoint_root
 from pipeline.faults import NO_FAULTS, Faults
+from pipeline.logging_setup import configure_console, train_logging_config
 from pipeline.loop import FitResult, fit
+from pipeline.placement_group_release import ReleasePlacementGroupOnControllerExit
 from pipeline.runtime import Runtime
 from pipeline.train_state import check_resume
 
@@ -50,30 +53,58 @@ log = logging.getLogger(__name__)
 # to storage; the pid lets a later writer remove the leftovers of a killed one.
 STAGING_PREFIX = "eiw-ckpt-"
 STAGING_NAME = re.compile(rf"^{STAGING_PREFIX}(?P<pid>[0-9]+)-[a-z0-9_]+$")
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 # The embedded Ray (no ray.address, no $RAY_ADDRESS) is one machine's training, so it starts lean
 # (benchmarks/train.py, docs/benchmarks.md "Ray overhead"): workers at niceness 0, not Ray's 15, so
 # training does not yield to the processes it competes with (nothing measurable on the benchmark VM,
-# whose kernel groups processes by session before niceness counts); no dashboard, no metrics
-# collection and no event statistics in Ray's processes, and no Train preemption watcher (it watches
-# for cloud spot-instance notices and polls every few seconds): together they halve the CPU that
-# Ray's own processes take beside the training (about 22% -> 11% of one core, measured). A cluster
-# started with `ray start` keeps its own settings (RAY_worker_niceness=0 in the environment of
-# `ray start` does the first).
+# whose kernel groups processes by session before niceness counts); no metrics collection and no
+# event statistics in Ray's processes, and no Train preemption watcher (it watches for cloud
+# spot-instance notices and polls every few seconds). The dashboard stays on, on 127.0.0.1 only:
+# it serves the State API, which Ray Train's placement-group cleaner polls (without it that cleaner
+# logs a warning every few seconds and never cleans, issue 25; pipeline/placement_group_release.py
+# releases the placement groups either way). RAY_API_SERVER_ADDRESS, inherited by every Ray process
+# of this instance, points the cleaner's State API client at this instance's dashboard: otherwise it
+# gives up when another Ray instance runs on the same machine ("Found multiple active Ray
+# instances"). A cluster started with `ray start` keeps its own settings (RAY_worker_niceness=0 in
+# the environment of `ray start` does the first).
 EMBEDDED_RAY_SYSTEM_CONFIG = {"worker_niceness": 0, "enable_metrics_collection": False, "event_stats": False}
 EMBEDDED_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def embedded_ray_init(num_cpus: int | None, **kwargs: Any) -> None:
     """``ray.init`` of a fresh local instance with the settings above (``kwargs`` go to ``ray.init``)."""
-    # "local": a fresh instance even if another `ray start` cluster runs on this machine.
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        _system_config=EMBEDDED_RAY_SYSTEM_CONFIG,
-        **kwargs,
-    )
+    port = _free_port()
+    saved = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"  # inherited by the processes ray.init starts
+    try:
+        # "local": a fresh instance even if another `ray start` cluster runs on this machine.
+        context = ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            _system_config=EMBEDDED_RAY_SYSTEM_CONFIG,
+            **kwargs,
+        )
+    finally:
+        if saved is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = saved
+    if context.dashboard_url and not context.dashboard_url.endswith(f":{port}"):
+        log.warning(
+            "Ray's dashboard took %s, not port %d: Train's cleaner may not find it",
+            context.dashboard_url,
+            port,
+        )
 
 
 @contextlib.contextmanager
@@ -221,7 +252,7 @@ class RayRuntime(Runtime):
 
 def train_worker(loop_config: dict) -> None:
     """The per-worker function handed to ``TorchTrainer``: the driver's typed config, as it is."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    configure_console(force=True)  # Ray installed its own root handler in this worker
     cfg: TrainConfig = loop_config["config"]
     fit(cfg, runtime=RayRuntime(cfg), faults=loop_config["faults"])
 
@@ -279,7 +310,10 @@ def fit_with_ray(
                 storage_path=str(checkpoint_root(cfg)),
                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-                callbacks=list(callbacks),
+                logging_config=train_logging_config(),
+                # A controller killed mid-run (a trial Tune stops) would keep its placement group
+                # while the driver lives: pipeline/placement_group_release.py.
+                callbacks=[*callbacks, ReleasePlacementGroupOnControllerExit()],
             ),
         )
         result = trainer.fit()

@@ -15,6 +15,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from pipeline.config import TrainConfig, config_to_yaml, load_config, resolve
+from pipeline.logging_setup import configure_console
 
 if TYPE_CHECKING:
     from pipeline.loop import FitResult
@@ -104,7 +105,7 @@ def one_line(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_console()
     overrides = list(args.overrides) + (["ray.enabled=false"] if args.no_ray else [])
     try:
         raw = load_config(args.config, overrides)

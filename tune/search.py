@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import TrainConfig, resolve
 from pipeline.config_loading import flatten, revise
+from pipeline.logging_setup import configure_console
 from tune.records import close_stopped_runs, log_results, parent_run, register_best
 from tune.report import PLOTTED_FIELDS, TrialRow, make_row, ranked
 from tune.spec import SearchSpec, asha_bounds, load_spec
@@ -291,7 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_console()
     try:
         spec = load_spec(args.config, args.overrides)
     except ValueError as e:
