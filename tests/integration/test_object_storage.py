@@ -220,3 +220,50 @@ def test_the_plain_loop_keeps_its_checkpoints_in_a_bucket_and_resumes_from_them(
     # commit point, uploaded last).
     assert f"runs/checkpoints/s3-plain/{checkpoint_name(2)}/{STATE_FILE}" in keys
     assert not any("/.tmp-" in k for k in keys), keys
+
+
+def _verify(target: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "data_prep", "verify", target, "--workers", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_verify_checks_shards_where_they_live_in_the_bucket(s3_server, s3_shards, tmp_path):
+    import boto3
+
+    done = _verify(s3_shards)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == f"{s3_shards}: OK"
+
+    # A copy of the test split with one shard damaged in place: one flipped byte inside the first
+    # image's PNG (sha256 and decode fail) and an unlisted object next to the shards.
+    s3 = boto3.client("s3")
+    src, dst = "data/sample-32-tiny/test/", "data/damaged/test/"
+    for key in s3_server.keys(src):
+        s3.copy_object(Bucket=BUCKET, Key=dst + key[len(src) :], CopySource={"Bucket": BUCKET, "Key": key})
+    shard = sorted(k for k in s3_server.keys(dst) if k.endswith(".tar"))[0]
+    body = bytearray(s3.get_object(Bucket=BUCKET, Key=shard)["Body"].read())
+    at = body.index(b"IDAT") + 8
+    body[at] ^= 0xFF
+    s3.put_object(Bucket=BUCKET, Key=shard, Body=bytes(body))
+    s3.put_object(Bucket=BUCKET, Key=dst + "stray.tar", Body=b"")
+
+    remote = _verify(f"s3://{BUCKET}/data/damaged/test")
+    assert remote.returncode == 1, remote.stdout + remote.stderr
+    name = shard.rsplit("/", 1)[1]
+    assert f"{name}: sha256 " in remote.stdout and "png does not decode" in remote.stdout
+    assert "stray.tar: not listed in the manifest" in remote.stdout
+
+    # The same checks as on a local folder: the same findings, line for line (paths aside).
+    local = tmp_path / "test"
+    local.mkdir()
+    for key in s3_server.keys(dst):
+        s3.download_file(BUCKET, key, str(local / key[len(dst) :]))
+    here = _verify(str(local))
+    assert here.returncode == 1
+    relative = [line.replace(str(local), "<split>") for line in here.stdout.splitlines()]
+    remotely = [
+        line.replace(f"s3://{BUCKET}/data/damaged/test", "<split>") for line in remote.stdout.splitlines()
+    ]
+    assert relative == remotely
