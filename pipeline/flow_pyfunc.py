@@ -15,8 +15,9 @@ The ``FlowModel`` is rebuilt from this package's code (``flows.build_flow``), th
 permutations are buffers, so they come back with the weights.
 
 ``FlowPyfunc`` is the ``mlflow.pyfunc.PythonModel`` logged *from code* (``flow_pyfunc_model.py``,
-three lines that import this module from the installed package; nothing is cloudpickled). Input: a
-uint8 batch ``(N, C, H, W)``, declared as a tensor spec. ``params``:
+three lines that import this module from the copy of this package shipped in the model's ``code/``
+folder; nothing is cloudpickled). Input: a uint8 batch ``(N, C, H, W)``, declared as a tensor spec.
+``params``:
 
 - ``mode="bits_per_dim"`` (default): float64 ``(N,)``, ``model.bits_per_dim(x)`` with the
   dequantization noise drawn from ``torch.Generator().manual_seed(seed)`` (and every other noise, the
