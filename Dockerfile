@@ -4,20 +4,30 @@
 #
 #   docker build -t eiw-flow:0.1.0 .
 #
-# It installs the project as the README does (`pip install -e .`, Python 3.11), with torch and
-# torchvision pinned exactly as in pyproject.toml. Those are PyPI's default Linux wheels, which bundle
-# CUDA: the same image runs CPU and NVIDIA GPU pods (the GPU driver comes from the node).
+# It installs the project as the README does (Python 3.11), with torch and torchvision pinned exactly
+# as in pyproject.toml. Those are PyPI's default Linux wheels, which bundle CUDA 13.0 (torch.version.cuda):
+# the same image runs CPU and NVIDIA GPU pods, and the GPU driver comes from the node. GPU nodes need
+# an NVIDIA driver >= 580.65.06 (R580, CUDA 13.0's minimum; NVIDIA's CUDA 13.0 release notes);
+# NVIDIA_REQUIRE_CUDA below makes the NVIDIA container runtime refuse a GPU container on an older one
+# instead of torch failing later with "driver too old".
+#
+# Layers, slowest-changing first: system packages, torch, the other dependencies (read from
+# pyproject.toml alone), then the code, installed without dependencies. A code change rebuilds only
+# the last layers; a dependency change in pyproject.toml reinstalls the dependencies.
 FROM python:3.11-slim-bookworm
 
 # wget: KubeRay's readiness/liveness probes call it; curl and procps: health checks and
 # infra/local/*.sh; tini: reaps Ray's orphaned worker processes when it runs as PID 1.
+# gcc, g++, libc6-dev: torch.compile (Inductor's C++ kernels, Triton's launcher stubs) compiles at run
+# time; the slim image has no compiler and --no-install-recommends would leave out the libc headers.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends wget curl procps tini \
+    && apt-get install -y --no-install-recommends wget curl procps tini gcc g++ libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    NVIDIA_REQUIRE_CUDA="cuda>=13.0"
 
 # Uid 1000 is the `ray` user of KubeRay's examples; shared volumes are usually provisioned for it.
 RUN useradd --create-home --uid 1000 --shell /bin/bash ray
@@ -26,16 +36,21 @@ WORKDIR /app
 # The biggest layer first, so code changes do not re-download it (pins as in pyproject.toml).
 RUN pip install torch==2.14.1 torchvision==0.29.1
 
-COPY pyproject.toml README.md ./
+# The dependencies, from pyproject.toml only (no code yet), plus the drivers for the team MLflow
+# server: PostgreSQL backend store (psycopg2); boto3 for the S3 artifact store is a pinned dependency.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+        > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt "psycopg2-binary>=2.9" \
+    && rm /tmp/requirements.txt
+
+COPY README.md ./
 COPY flows ./flows
 COPY data_prep ./data_prep
 COPY pipeline ./pipeline
 COPY tune ./tune
 COPY configs ./configs
-RUN pip install -e .
-
-# Drivers for the team MLflow server: PostgreSQL backend store and S3 artifact store.
-RUN pip install "psycopg2-binary>=2.9" "boto3>=1.34"
+RUN pip install --no-deps -e .
 
 COPY infra ./infra
 

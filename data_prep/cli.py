@@ -110,10 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "verify",
         help="re-hash, count and decode every sample of a converted dataset",
-        description="DIR is a split folder (with manifest.json) or its parent. Exit 1 on any "
-        "problem, listed by shard and key.",
+        description="DIR is a split folder (with manifest.json) or its parent, local or in object "
+        "storage (s3://bucket/prefix, credentials from the environment). Exit 1 on any problem, "
+        "listed by shard and key.",
     )
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
 
     p = sub.add_parser(

@@ -174,4 +174,5 @@ def _short(value: Any, limit: int = 120) -> str:
 
 
 def list_shard_files(split_dir: Path) -> list[Path]:
-    return sorted(p for p in split_dir.glob("*.tar") if p.is_file())
+    """The ``*.tar`` files in ``split_dir`` (a ``Path`` or a ``data_prep.storage.RemotePath``)."""
+    return sorted((p for p in split_dir.iterdir() if p.name.endswith(".tar") and p.is_file()), key=str)

@@ -1,16 +1,22 @@
 """`python -m data_prep verify DIR`: re-hash, re-count and decode every sample of a converted dataset.
 
+DIR is a local folder or an object-storage URI (`s3://bucket/prefix`; data_prep/storage.py, credentials
+and endpoint from the environment): the same checks either way, each shard read once as a stream
+(hashed while the tar is parsed), so a bucket's shards are checked where they live, without a copy.
+
 Checks per split: manifest valid and complete; no unlisted .tar files; per shard: file present,
 sha256 as recorded, tar readable to the end, sample count as recorded, every sample has a `png` that
 decodes to the manifest's resolution and channels, `cls` (if any) an integer in 0..num_classes-1,
 keys unique in the split. A split whose conversion never finished is reported as such, with the
-command that resumes it.
+command that resumes it. One function per check (`_check_sha256`, `_check_count`, `_check_sample`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import multiprocessing as mp
+import os
 import sys
 import tarfile
 from collections import Counter
@@ -20,7 +26,8 @@ from pathlib import Path
 from PIL import Image
 
 from data_prep import manifest as mf
-from data_prep.writer import sha256_file
+from data_prep.storage import RemotePath, as_path, open_binary
+from data_prep.writer import CHUNK
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,32 +42,32 @@ class Problem:
         return f"{self.split_dir}: {where + ': ' if where else ''}{self.message}"
 
 
-def split_dirs(path: Path) -> list[Path]:
+def split_dirs(path: Path | RemotePath) -> list[Path | RemotePath]:
     """`path` itself when it looks like a split folder (finished, unfinished or orphaned shards),
     else its subfolders that do."""
     if not path.is_dir():
         raise ValueError(f"{path}: no such directory")
     if _looks_like_split(path):
         return [path]
-    found = sorted(p for p in path.iterdir() if p.is_dir() and _looks_like_split(p))
+    found = sorted((p for p in path.iterdir() if p.is_dir() and _looks_like_split(p)), key=str)
     if not found:
         raise ValueError(f"{path}: no {mf.MANIFEST_NAME} here or in its subfolders")
     return found
 
 
-def _looks_like_split(path: Path) -> bool:
+def _looks_like_split(path: Path | RemotePath) -> bool:
     records = any((path / n).exists() for n in (mf.MANIFEST_NAME, mf.PROGRESS_NAME))
     return records or bool(mf.list_shard_files(path))
 
 
-def verify_path(path: str | Path, *, workers: int = 1) -> list[Problem]:
+def verify_path(path: str | os.PathLike | RemotePath, *, workers: int = 1) -> list[Problem]:
     problems: list[Problem] = []
-    for d in split_dirs(Path(path)):
+    for d in split_dirs(as_path(path)):
         problems += verify_split(d, workers=workers)
     return problems
 
 
-def verify_split(split_dir: Path, *, workers: int = 1) -> list[Problem]:
+def verify_split(split_dir: Path | RemotePath, *, workers: int = 1) -> list[Problem]:
     sd = str(split_dir)
     try:
         m = mf.read_manifest(split_dir)
@@ -102,7 +109,7 @@ def _num_classes(m: dict) -> int | None:
 
 
 def verify_shard(
-    split_dir: Path, entry: dict, h: int, w: int, channels: int, num_classes: int | None = None
+    split_dir: Path | RemotePath, entry: dict, h: int, w: int, channels: int, num_classes: int | None = None
 ) -> tuple[list[Problem], list[str]]:
     name, sd = entry["name"], str(split_dir)
     path = split_dir / name
@@ -112,14 +119,49 @@ def verify_shard(
 
     if not path.is_file():
         return [problem("missing")], []
-    problems = []
-    digest = sha256_file(path)
-    if digest != entry["sha256"]:
-        problems.append(problem(f"sha256 {digest[:16]}... != manifest {entry['sha256'][:16]}..."))
+    with open_binary(path) as raw:
+        stream = _HashingReader(raw)
+        samples, order, error = _read_samples(stream)
+        stream.drain()  # the bytes after the end-of-archive marker count in the sha256 too
+    problems = [problem(msg) for msg in _check_sha256(stream.hexdigest(), entry)]
+    if error is not None:
+        problems.append(problem(f"tar unreadable after {len(order)} samples ({error})"))
+    problems += [problem(msg) for msg in _check_count(order, entry)]
+    for key in order:
+        problems += [problem(msg, key) for msg in _check_sample(samples[key], h, w, channels, num_classes)]
+    return problems, order
+
+
+class _HashingReader:
+    """A read-only stream that hashes what passes through it: one read of a shard for both checks."""
+
+    def __init__(self, raw) -> None:
+        self._raw = raw
+        self._sha = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self._sha.update(data)
+        return data
+
+    def drain(self) -> None:
+        try:
+            while self.read(CHUNK):
+                pass
+        except OSError:
+            pass  # a shard that cannot be read to the end fails the sha256 check instead
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def _read_samples(stream) -> tuple[dict[str, dict[str, bytes]], list[str], Exception | None]:
+    """Parse a tar stream front to back (``r|``: no seeks) into {key: {ext: bytes}}, keys in order,
+    and the error that stopped it early, if any."""
     samples: dict[str, dict[str, bytes]] = {}
     order: list[str] = []
     try:
-        with tarfile.open(path, "r:") as tar:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -135,12 +177,20 @@ def verify_shard(
                     raise tarfile.ReadError(f"member {member.name} truncated")
                 samples[key][ext] = data
     except (tarfile.TarError, OSError, EOFError) as exc:
-        problems.append(problem(f"tar unreadable after {len(order)} samples ({exc})"))
+        return samples, order, exc
+    return samples, order, None
+
+
+def _check_sha256(digest: str, entry: dict) -> list[str]:
+    if digest != entry["sha256"]:
+        return [f"sha256 {digest[:16]}... != manifest {entry['sha256'][:16]}..."]
+    return []
+
+
+def _check_count(order: list[str], entry: dict) -> list[str]:
     if len(order) != entry["count"]:
-        problems.append(problem(f"{len(order)} samples, manifest says {entry['count']}"))
-    for key in order:
-        problems += [problem(msg, key) for msg in _check_sample(samples[key], h, w, channels, num_classes)]
-    return problems, order
+        return [f"{len(order)} samples, manifest says {entry['count']}"]
+    return []
 
 
 def _check_sample(
@@ -172,7 +222,7 @@ def _check_sample(
     return out
 
 
-def print_report(path: Path, problems: list[Problem], stream=None) -> None:
+def print_report(path: Path | str, problems: list[Problem], stream=None) -> None:
     stream = stream or sys.stdout  # looked up per call: tests and tools swap sys.stdout
     if not problems:
         print(f"{path}: OK", file=stream)

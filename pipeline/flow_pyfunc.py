@@ -15,11 +15,12 @@ The ``FlowModel`` is rebuilt from this package's code (``flows.build_flow``), th
 permutations are buffers, so they come back with the weights.
 
 ``FlowPyfunc`` is the ``mlflow.pyfunc.PythonModel`` logged *from code* (``flow_pyfunc_model.py``,
-three lines that import this module from the installed package; nothing is cloudpickled). Input: a
-batch ``(N, C, H, W)`` of pixels, uint8 or integers in 0..255; floats and booleans are refused (400),
-never cast. The input is deliberately left out of the signature: MLflow's scoring server casts a JSON
-body to the declared dtype (``np.array(data, dtype=uint8)``), so 1.7 or ``true`` became 1 and was
-scored before the model saw it. ``predict`` checks dtype, range and shape itself, first.
+three lines that import this module from the copy of this package shipped in the model's ``code/``
+folder; nothing is cloudpickled). Input: a batch ``(N, C, H, W)`` of pixels, uint8 or integers in
+0..255; floats and booleans are refused (400), never cast. The input is deliberately left out of the
+signature: MLflow's scoring server casts a JSON body to the declared dtype
+(``np.array(data, dtype=uint8)``), so 1.7 or ``true`` became 1 and was scored before the model saw it.
+``predict`` checks dtype, range and shape itself, first.
 
 Work is bounded up front: a bits/dim request costs N x num_samples flow passes and may cost at most
 ``max_work`` (``MAX_WORK``, 1024 by default; the model_config key ``max_work`` changes it at load
@@ -33,7 +34,7 @@ time), a 400 beyond. So no request can keep a core busy long after the server's 
   draws instead (``model.iwbo_bits_per_dim``, the trainer's ``test/iwbo_bits_per_dim``), tighter
   for models trained on a bound; K = 1 is the one-draw ELBO.
 - ``mode="sample"``: uint8 ``(num, C, H, W)`` drawn at ``temperature`` from ``seed``; the input
-  batch must still match the signature (MLflow checks it) but is not read.
+  batch must still be a valid batch of pixels but is not read.
 """
 
 from __future__ import annotations
@@ -219,8 +220,8 @@ class FlowPyfunc(mlflow.pyfunc.PythonModel):
             context.artifacts[WEIGHTS_ARTIFACT], context.artifacts[CONFIG_ARTIFACT], map_location=device
         )
 
-    # ``np.ndarray`` is a hint MLflow 3 accepts without deriving a schema from it, so the logged
-    # tensor spec stays the signature (a list or dataclass hint would replace it).
+    # ``np.ndarray`` is a hint MLflow 3 accepts without deriving an input schema from it (a list or
+    # dataclass hint would add one, and the server would cast pixels to it: module doc).
     def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
         p = {**DEFAULT_PARAMS, **(params or {})}
         mode, seed = p["mode"], int(p["seed"])

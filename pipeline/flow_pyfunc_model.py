@@ -1,7 +1,8 @@
 """The models-from-code file of a registered flow (MLflow copies it into the model and runs it on load).
 
-It only imports the pyfunc class from the installed ``pipeline`` package; the model's own files are
-weights and a JSON config (pipeline/flow_pyfunc.py).
+It only imports the pyfunc class from the ``pipeline`` package shipped in the model's ``code/`` folder
+(MLflow ``code_paths``, pipeline/registry.py); the model's own files are weights and a JSON config
+(pipeline/flow_pyfunc.py).
 """
 
 import mlflow

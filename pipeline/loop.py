@@ -321,6 +321,8 @@ def start_tracking(cfg: TrainConfig, runtime: Runtime, state: TrainState) -> Tra
         tags=tags,
         resumed_from=state.resumed_from,
     )
+    if cfg.mlflow.system_metrics and runtime.world_size > 1:  # every node logs its own system metrics
+        tracker.follow_node_metrics(runtime.all_gather_object(tracker.run_id)[0])
     if runtime.is_main:
         state.mlflow_run_id = tracker.run_id
         tracker.set_tags(code_tags(code_version(), previous_commits=tracker.get_tag(GIT_COMMITS_TAG)))

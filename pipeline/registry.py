@@ -5,11 +5,14 @@ The model is weights as tensors plus the flow config, never a pickle (pipeline/f
 whose artifacts are ``weights.pt`` (a ``state_dict`` read with ``torch.load(weights_only=True)``)
 and ``flow_config.json``. ``mlflow models serve -m models:/<name>@champion --env-manager local``
 scores uint8 images in bits/dim; ``load_flow_model`` rebuilds the ``flows.FlowModel`` from code.
+The model carries its code (``code/``: the ``flows``, ``pipeline`` and ``data_prep`` packages) and
+exact pip requirements (torch, mlflow, numpy, pydantic), so it loads and serves from any Python
+that has those, without this project installed.
 
 ``load_flow_model`` reads only those two files and the MLmodel YAML (safe loader): it never runs the
 model's code file, never adds its ``code`` folder to ``sys.path``. ``mlflow.pyfunc.load_model`` and
-``mlflow models serve`` do run the model's code file (models-from-code), a three-line import of this
-package's ``pipeline.flow_pyfunc``: serve only from a registry you trust.
+``mlflow models serve`` do run the model's code file (models-from-code), a three-line import of
+``pipeline.flow_pyfunc`` from the model's own ``code/`` folder: serve only from a registry you trust.
 
 Models logged before this format are ``mlflow.pytorch`` pickles. Unpickling runs whatever code the
 file names, so ``load_flow_model`` refuses them unless called with ``allow_pickle=True``.
@@ -21,6 +24,7 @@ Aliases (MLflow's replacement for stages): ``newest_alias`` follows every new ve
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import tempfile
@@ -58,14 +62,30 @@ BPD_TAG = "test_bits_per_dim"
 MODEL_NAME = "model"
 
 
+# The packages the model's code file imports, shipped with the model as MLflow ``code_paths`` (the
+# model's ``code/`` folder, put first on ``sys.path`` when it loads): ``pipeline.flow_pyfunc`` needs
+# ``flows``, ``pipeline.config`` and ``data_prep.storage``, whose third-party imports are torch, numpy,
+# MLflow and pydantic (an MLflow dependency) only. So the model loads in any Python with the
+# requirements below, without this project installed (tests/integration/test_model_serving.py).
+CODE_PACKAGES = ("flows", "pipeline", "data_prep")
+
+
+def _code_paths() -> list[str]:
+    return [str(Path(importlib.import_module(name).__file__).parent) for name in CODE_PACKAGES]
+
+
 def _requirements() -> list[str]:
-    # Explicit, so MLflow does not spend a subprocess inferring them. The model also needs this
-    # package (``pipeline``, ``flows``), which is not on PyPI: serve with ``--env-manager local`` from
-    # an environment where it is installed; it is deliberately not listed (a PyPI name we do not own).
+    # Explicit and exact, so MLflow does not spend a subprocess inferring them and a virtualenv
+    # MLflow builds from them (``mlflow models serve`` without ``--env-manager local``,
+    # ``mlflow models build-docker``) runs the versions the model was trained and tested with. This
+    # project itself is not a requirement: its code travels in the model (``_code_paths``).
+    import pydantic
+
     return [
         f"torch=={torch.__version__.split('+')[0]}",
         f"mlflow=={mlflow.__version__}",
         f"numpy=={np.__version__}",
+        f"pydantic=={pydantic.VERSION}",
     ]
 
 
@@ -86,6 +106,7 @@ def _model_kwargs(
         "signature": signature_for(model.cfg),
         "input_example": input_example_for(model.cfg),
         "pip_requirements": _requirements(),
+        "code_paths": _code_paths(),
         "metadata": metadata,
         # Declared so that it can be overridden at load time (MLflow drops keys not logged here):
         # ``load_model(..., model_config={"device": "cuda"})`` or, for ``mlflow models serve``, the

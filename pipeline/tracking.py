@@ -4,7 +4,8 @@ Live: ``log_metrics`` hands each log step's metrics to MLflow's asynchronous log
 (``log_batch(..., synchronous=False)``: a queue drained by MLflow's worker threads), so the training
 step does not wait for the server; ``wait`` (at checkpoints and at the end) collects the outcome and
 warns about values the server refused. System metrics (CPU, memory, disk, network, and GPU through
-NVML when there is one) come from MLflow's ``SystemMetricsMonitor`` thread, for this node only.
+NVML when there is one) come from MLflow's monitor, started through its public API on every node,
+keyed ``system/node_<i>/...`` (pipeline/system_metrics.py).
 
 Exactly once: the run id travels in the checkpoint; ``start(run_id=...)`` reopens that run and first
 reads which steps each metric already holds (and which sample images), and those are never logged
@@ -45,6 +46,7 @@ from torch import Tensor
 from data_prep.storage import RemotePath, as_path
 from pipeline.config import MlflowConfig
 from pipeline.order_picture import ARTIFACT_DIR, DATA_NAME, PICTURE_NAME, OrderHistory
+from pipeline.system_metrics import NodeSystemMetrics, logs_this_node, monitor_settings, node_id
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +135,7 @@ class Tracker:
         self._held: dict[str, set[int]] = {}  # metric key -> steps MLflow holds from earlier attempts
         self._held_images: set[tuple[str, int]] = set()
         self._pending: list[Any] = []  # RunOperations of asynchronous log_batch calls
-        self._monitor: Any = None  # mlflow.system_metrics SystemMetricsMonitor
+        self._node_metrics: NodeSystemMetrics | None = None  # another node's leader: its own metrics
 
     @property
     def client(self) -> MlflowClient:
@@ -169,16 +171,21 @@ class Tracker:
             log.warning("MLflow run %s is not on %s: starting a new one", run_id, self.cfg.tracking_uri)
             tags = {**tags, PREVIOUS_RUN_TAG: run_id}
             run_id = None
+        # MLflow's monitor starts with the run (and stops with ``end_run``) when system metrics are on.
+        system = monitor_settings(node=node_id(), interval_s=self.cfg.system_metrics_interval_s)
         if run_id is not None:
-            with _active_experiment_lifted():
-                run = mlflow.start_run(run_id=run_id, log_system_metrics=False)
+            with _active_experiment_lifted(), system:
+                run = mlflow.start_run(run_id=run_id, log_system_metrics=self.cfg.system_metrics)
             log.info("continuing MLflow run %s (%s)", run_id, run_name)
             self._read_held(run_id, resumed_from)
         else:
             experiment_id = get_or_create_experiment(
                 self.client, self.cfg.experiment, artifact_location_for(self.cfg.tracking_uri, self.run_root)
             )
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, log_system_metrics=False)
+            with system:
+                run = mlflow.start_run(
+                    experiment_id=experiment_id, run_name=run_name, log_system_metrics=self.cfg.system_metrics
+                )
             log.info("started MLflow run %s (%s)", run.info.run_id, run_name)
         self.run_id = run.info.run_id
         existing = self.client.get_run(self.run_id).data.params
@@ -194,8 +201,14 @@ class Tracker:
         if self.cfg.parent_run_id:
             tags = {MLFLOW_PARENT_RUN_ID: self.cfg.parent_run_id, **tags}
         mlflow.set_tags({RUN_NAME_TAG: run_name, **tags})
-        if self.cfg.system_metrics:
-            self._start_system_metrics(resumed=run_id is not None)
+
+    def follow_node_metrics(self, run_id: str | None) -> None:
+        """On every node but rank 0's, the node's local rank 0 logs that node's system metrics into
+        ``run_id`` (rank 0's run, shared by a collective) until ``end``; other processes do nothing."""
+        if self.active or run_id is None or not self.cfg.system_metrics or not logs_this_node():
+            return
+        self._node_metrics = NodeSystemMetrics(self.cfg.tracking_uri, self.cfg.system_metrics_interval_s)
+        self._node_metrics.start(run_id)
 
     def _run_exists(self, run_id: str) -> bool:
         """Whether the tracking server has ``run_id`` (False only when it says it does not exist;
@@ -223,22 +236,6 @@ class Tracker:
                 self.order = OrderHistory.from_npz(path)
             if resumed_from is not None:
                 self.order.truncate(resumed_from)
-
-    def _start_system_metrics(self, *, resumed: bool) -> None:
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            # $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, when set, overrides the configured interval.
-            self._monitor = SystemMetricsMonitor(
-                self.run_id,
-                sampling_interval=self.cfg.system_metrics_interval_s,
-                resume_logging=resumed,
-                tracking_uri=self.cfg.tracking_uri,
-            )
-            self._monitor.start()
-        except Exception as e:  # noqa: BLE001 - monitoring must never stop training
-            log.warning("system metrics not logged: %s", e)
-            self._monitor = None
 
     # ----------------------------------------------------------------------------- live logging
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
@@ -340,11 +337,11 @@ class Tracker:
         return self.client.get_run(self.run_id).data.tags.get(key)
 
     def end(self, status: str = "FINISHED") -> None:
-        """Wait for the queued values, stop the system metrics monitor, close the run."""
+        """Wait for the queued values, close the run (which stops MLflow's system metrics monitor)."""
+        if self._node_metrics is not None:
+            self._node_metrics.end(status)
+            self._node_metrics = None
         if not self.active or self.run_id is None:
             return
         self.wait()
-        if self._monitor is not None:
-            self._monitor.finish()
-            self._monitor = None
         mlflow.end_run(status=status)

@@ -14,6 +14,12 @@ Resuming: re-running the same command (same ``run.name`` and ``run.storage_path`
 with ``Tuner.restore``: finished trials are not re-run, interrupted ones continue from their latest
 Ray Train checkpoint and MLflow run, the same parent run is reused, and ASHA's rungs are rebuilt
 (tune/asha.py). Ctrl-C (SIGINT) stops a search cleanly, saving its state for that.
+
+``run.storage_path`` may be an object-store URI (``s3://bucket/tune``): Tune's experiment state, the
+trials' run roots and Ray Train checkpoints then live in the bucket, which every node reaches with
+the credentials and endpoint in its environment (``AWS_*``; Ray's pyarrow filesystem reads them), so
+a multi-node search needs no shared POSIX storage, and ``Tuner.can_restore``/``Tuner.restore`` resume
+from the bucket (tests/integration/test_object_storage.py, against moto).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from data_prep.storage import RemotePath, as_path
 from pipeline.config import TrainConfig, resolve
 from pipeline.config_loading import flatten, revise
 from pipeline.logging_setup import configure_console
@@ -45,7 +52,7 @@ VERSION_TAG = "tune.model_version"
 
 @dataclass(kw_only=True)
 class SearchOutcome:
-    experiment_path: Path
+    experiment_path: Path | RemotePath
     parent_run_id: str
     rows: list[TrialRow]
     best: TrialRow | None
@@ -149,7 +156,7 @@ def make_tuner(
         ),
         run_config=tune.RunConfig(
             name=spec.run.name,
-            storage_path=str(Path(spec.run.storage_path).resolve()),
+            storage_path=str(storage_root(spec)),
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
             callbacks=list(callbacks),
         ),
@@ -157,13 +164,18 @@ def make_tuner(
 
 
 # ------------------------------------------------------------------------------------ driver
+def storage_root(spec: SearchSpec) -> Path | RemotePath:
+    """``run.storage_path``: an absolute local path, or the object-store URI as written."""
+    return as_path(spec.run.storage_path).resolve()
+
+
 def base_config(spec: SearchSpec) -> TrainConfig:
     """The resolved base config (absolute paths, a concrete tracking URI) shared by every trial."""
     where = {"mlflow.tracking_uri": spec.mlflow.tracking_uri, "mlflow.experiment": spec.mlflow.experiment}
     return resolve(revise(spec.base, {key: value for key, value in where.items() if value}))
 
 
-def trial_base(cfg: TrainConfig, path: Path, parent_id: str) -> TrainConfig:
+def trial_base(cfg: TrainConfig, path: Path | RemotePath, parent_id: str) -> TrainConfig:
     """What every trial of this search shares; a trial adds its sampled values and name (tune/trial.py)."""
     return revise(
         cfg,
@@ -177,7 +189,7 @@ def trial_base(cfg: TrainConfig, path: Path, parent_id: str) -> TrainConfig:
     )
 
 
-def collect_rows(spec: SearchSpec, cfg: TrainConfig, path: Path) -> list[TrialRow]:
+def collect_rows(spec: SearchSpec, cfg: TrainConfig, path: Path | RemotePath) -> list[TrialRow]:
     from ray.tune import ExperimentAnalysis
 
     from tune.asha import reported_results
@@ -215,7 +227,7 @@ def run_search(spec: SearchSpec, *, callbacks: Sequence[Any] = ()) -> SearchOutc
     from tune.trial import run_trial
 
     cfg = base_config(spec)
-    path = Path(spec.run.storage_path).resolve() / spec.run.name
+    path = storage_root(spec) / spec.run.name
     ensure_data(cfg.data, cfg.model.image_shape)  # once, here: neither trials nor workers check it again
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     client = MlflowClient(cfg.mlflow.tracking_uri)
@@ -302,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, dim in spec.space.items():
             print(f"{key}: {dim.describe()}")
         print(f"ok: {expected_trials(spec)} trials ({spec.search.algorithm}), state in "
-              f"{Path(spec.run.storage_path) / spec.run.name}")  # fmt: skip
+              f"{as_path(spec.run.storage_path) / spec.run.name}")  # fmt: skip
         return 0
     try:
         outcome = run_search(spec)

@@ -32,6 +32,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, PlainValidator, PrivateAttr, model_validator
 
+from data_prep.storage import is_uri
 from pipeline.config import DirectoryName, MlflowAlias, TrainConfig, load_config
 from pipeline.config_loading import (
     ConfigError,
@@ -115,13 +116,15 @@ def _trial_limit(value: Any) -> int | str:
     raise ValueError(f"expected auto or an integer >= 1, got {value!r}")
 
 
-def _local_storage(path: str) -> str:
-    if "://" in path:
-        raise ValueError(
-            f"{path!r}: trials keep Ray Train checkpoints under it with the pipeline's file paths; use a "
-            "mounted shared file system (NFS, a bucket mount)"
-        )
-    return path
+def _storage(path: str) -> str:
+    # A local or mounted path, or an object-store URI (s3://bucket/prefix; credentials and endpoint
+    # from the environment, read by Ray's pyarrow and by s3fs alike): Tune's state, the trials' Ray
+    # Train checkpoints and their run roots all live under it.
+    if "://" in path and not is_uri(path):
+        raise ValueError(f"{path!r}: expected a local path or an object-store URI such as s3://bucket/tune")
+    if is_uri(path) and not path.split("://", 1)[1].strip("/"):
+        raise ValueError(f"{path!r}: name a bucket (and optionally a prefix): s3://bucket/tune")
+    return path.rstrip("/") if is_uri(path) else path
 
 
 class SearchSection(ConfigModel):
@@ -143,7 +146,7 @@ class SchedulerSection(ConfigModel):
 
 class RunSection(ConfigModel):
     name: DirectoryName
-    storage_path: Annotated[str, Field(min_length=1), AfterValidator(_local_storage)] = "runs/tune"
+    storage_path: Annotated[str, Field(min_length=1), AfterValidator(_storage)] = "runs/tune"
 
 
 class MlflowSection(ConfigModel):

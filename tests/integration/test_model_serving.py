@@ -1,6 +1,12 @@
 """The registered model against real services: a real ``mlflow server`` (sqlite backend), the pyfunc
-loaded by alias, ``mlflow models serve --env-manager local`` answering HTTP on 127.0.0.1, and a model
-whose weights were replaced in the server's artifact store being refused without running anything.
+loaded by alias, ``mlflow models serve --env-manager local`` answering HTTP on 127.0.0.1 from a venv
+without this project, and a model whose weights were replaced in the server's artifact store being
+refused without running anything.
+
+"Without this project": ``bare_venv`` is a fresh ``python -m venv`` whose only addition is a ``.pth``
+line naming the training venv's site-packages. A path line adds that folder to ``sys.path`` but does
+not run the ``.pth`` files inside it, so the editable install's import hook never loads: the venv
+has MLflow, torch and their dependencies, and ``import pipeline`` / ``import flows`` fail (asserted).
 """
 
 from __future__ import annotations
@@ -8,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import sysconfig
 import time
 import urllib.error
 import urllib.request
@@ -22,8 +30,8 @@ from mlflow.tracking import MlflowClient
 import flows
 from pipeline.config import MlflowConfig
 from pipeline.flow_pyfunc import WEIGHTS_FILE, UnsafeModelFileError
-from pipeline.registry import BPD_TAG, load_flow_model, log_flow_model, register
-from tests.integration.conftest import MLFLOW, START_TIMEOUT_S, _stop, free_port
+from pipeline.registry import BPD_TAG, load_flow_model, log_flow_model, register, save_flow_model
+from tests.integration.conftest import START_TIMEOUT_S, _stop, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -66,6 +74,71 @@ def log_and_register(server, name: str, model: flows.FlowModel, test_bpd: float)
         model_uri = log_flow_model(model, test_bpd=test_bpd)
     cfg = MlflowConfig(tracking_uri=server.uri, registered_model=name)
     return model_uri, register(model_uri, cfg=cfg, test_bpd=test_bpd, run_id=run.info.run_id)
+
+
+@pytest.fixture(scope="module")
+def bare_venv(tmp_path_factory) -> Path:
+    """A venv with the training venv's libraries but not this project (see the module docstring)."""
+    venv = tmp_path_factory.mktemp("bare") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    (site,) = venv.glob("lib/python*/site-packages")
+    (site / "training_venv_libraries.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # The console scripts pip would have written: ``mlflow models serve`` execs ``uvicorn`` by name.
+    for name, entry in {"mlflow": "mlflow.cli:cli", "uvicorn": "uvicorn.main:main"}.items():
+        module, func = entry.split(":")
+        script = venv / "bin" / name
+        script.write_text(
+            f"#!{venv}/bin/python\nimport sys\nfrom {module} import {func}\nsys.exit({func}())\n"
+        )
+        script.chmod(0o755)
+    return venv
+
+
+def bare_env(venv: Path) -> dict[str, str]:
+    """This process's environment minus what would make the project importable, venv first on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    return {
+        **env,
+        "PATH": os.pathsep.join([str(venv / "bin"), env.get("PATH", "")]),
+        "VIRTUAL_ENV": str(venv),
+    }
+
+
+OUT_OF_PROJECT_SCORE = """
+import importlib.util, sys
+import mlflow, numpy as np
+for name in ("pipeline", "flows", "data_prep"):
+    assert importlib.util.find_spec(name) is None, f"{name} is importable: {importlib.util.find_spec(name)}"
+model_dir, images, out = sys.argv[1:]
+pyfunc = mlflow.pyfunc.load_model(model_dir)
+np.save(out, pyfunc.predict(np.load(images), params={"seed": 3, "num_samples": 2}))
+print("loaded from", sys.modules["pipeline.flow_pyfunc"].__file__)
+"""
+
+
+def test_saved_model_loads_and_scores_where_the_project_is_not_importable(bare_venv, tmp_path):
+    model = tiny_flow()
+    path = save_flow_model(model, tmp_path / "model", test_bpd=6.0)
+    x = images(5, seed=4).numpy()
+    np.save(tmp_path / "x.npy", x)
+    want = mlflow.pyfunc.load_model(str(path)).predict(x, params={"seed": 3, "num_samples": 2})
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    python = bare_venv / "bin" / "python"
+    # -I: no PYTHONPATH, no user site, and the script's folder (not the cwd) is not put on sys.path.
+    probe = [str(python), "-I", "-c", "import pipeline"]
+    refused = subprocess.run(probe, cwd=work, env=bare_env(bare_venv), capture_output=True, text=True)
+    assert refused.returncode == 1 and "No module named 'pipeline'" in refused.stderr
+
+    cmd = [str(python), "-I", "-c", OUT_OF_PROJECT_SCORE, str(path), str(tmp_path / "x.npy"), "got.npy"]
+    done = subprocess.run(cmd, cwd=work, env=bare_env(bare_venv), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    # The code it ran is the copy inside the model, not this checkout's.
+    assert f"loaded from {path.resolve() / 'code' / 'pipeline' / 'flow_pyfunc.py'}" in done.stdout
+    got = np.load(work / "got.npy")
+    assert got.dtype == np.float64 and got.shape == (5,)
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.fixture(scope="module")
@@ -124,21 +197,22 @@ def _wait_serving(url: str, proc: subprocess.Popen, log: Path) -> None:
     raise RuntimeError(f"mlflow models serve not up after {START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
 
 
-def test_mlflow_models_serve_answers_with_the_same_bits_per_dim(mlflow_server, registered, tmp_path):
+def test_mlflow_models_serve_answers_with_the_same_bits_per_dim(
+    mlflow_server, registered, bare_venv, tmp_path
+):
+    """Served from ``bare_venv``, where this project is not importable: the model's own code runs."""
     model, _ = registered
     port = free_port()
     log = tmp_path / "serve.log"
     cmd = [
-        str(MLFLOW), "models", "serve",
+        str(bare_venv / "bin" / "mlflow"), "models", "serve",
         "-m", "models:/serving-tiny@champion",
         "--env-manager", "local",
         "--host", "127.0.0.1",
         "--port", str(port),
         "--workers", "1",
     ]  # fmt: skip
-    # The server execs ``uvicorn`` by name: the venv's bin must be on PATH, as in an activated venv.
-    path = os.pathsep.join([str(MLFLOW.parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "PATH": path}
+    env = {**bare_env(bare_venv), "MLFLOW_TRACKING_URI": mlflow_server.uri}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env, start_new_session=True

@@ -1,14 +1,16 @@
 """Object storage end to end, against a real S3-protocol server (moto's standalone server) on 127.0.0.1:
-shards written there by the CLI a user runs, a tiny Ray Train run whose data, checkpoints and MLflow
-artifacts (an ``mlflow server`` with ``--artifacts-destination s3://...``) live in the bucket, a
-worker failure injected, the resume from the checkpoint in the bucket; and the plain loop's own
-checkpoints in the bucket. Credentials and the endpoint reach every client (s3fs, pyarrow in Ray,
-boto3 in MLflow) through the environment only, as on a cloud cluster.
+shards written there by the CLI a user runs and verified where they live; a tiny Ray Train run whose
+data, checkpoints and MLflow artifacts (an ``mlflow server`` with ``--artifacts-destination s3://...``)
+live in the bucket, a worker failure injected, the resume from the checkpoint in the bucket; the
+plain loop's own checkpoints in the bucket; a two-trial Tune search whose state is in the bucket,
+interrupted and resumed from it. Credentials and the endpoint reach every client (s3fs, pyarrow in
+Ray, boto3 in MLflow) through the environment only, as on a cloud cluster.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from ray import tune
 
 from pipeline.checkpoint import STATE_FILE, checkpoint_name, list_checkpoints, read_checkpoint
 from pipeline.config import TrainConfig, checkpoint_root, load_config, resolve
@@ -220,3 +223,112 @@ def test_the_plain_loop_keeps_its_checkpoints_in_a_bucket_and_resumes_from_them(
     # commit point, uploaded last).
     assert f"runs/checkpoints/s3-plain/{checkpoint_name(2)}/{STATE_FILE}" in keys
     assert not any("/.tmp-" in k for k in keys), keys
+
+
+def _verify(target: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "data_prep", "verify", target, "--workers", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_verify_checks_shards_where_they_live_in_the_bucket(s3_server, s3_shards, tmp_path):
+    import boto3
+
+    done = _verify(s3_shards)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == f"{s3_shards}: OK"
+
+    # A copy of the test split with one shard damaged in place: one flipped byte inside the first
+    # image's PNG (sha256 and decode fail) and an unlisted object next to the shards.
+    s3 = boto3.client("s3")
+    src, dst = "data/sample-32-tiny/test/", "data/damaged/test/"
+    for key in s3_server.keys(src):
+        s3.copy_object(Bucket=BUCKET, Key=dst + key[len(src) :], CopySource={"Bucket": BUCKET, "Key": key})
+    shard = sorted(k for k in s3_server.keys(dst) if k.endswith(".tar"))[0]
+    body = bytearray(s3.get_object(Bucket=BUCKET, Key=shard)["Body"].read())
+    at = body.index(b"IDAT") + 8
+    body[at] ^= 0xFF
+    s3.put_object(Bucket=BUCKET, Key=shard, Body=bytes(body))
+    s3.put_object(Bucket=BUCKET, Key=dst + "stray.tar", Body=b"")
+
+    remote = _verify(f"s3://{BUCKET}/data/damaged/test")
+    assert remote.returncode == 1, remote.stdout + remote.stderr
+    name = shard.rsplit("/", 1)[1]
+    assert f"{name}: sha256 " in remote.stdout and "png does not decode" in remote.stdout
+    assert "stray.tar: not listed in the manifest" in remote.stdout
+
+    # The same checks as on a local folder: the same findings, line for line (paths aside).
+    local = tmp_path / "test"
+    local.mkdir()
+    for key in s3_server.keys(dst):
+        s3.download_file(BUCKET, key, str(local / key[len(dst) :]))
+    here = _verify(str(local))
+    assert here.returncode == 1
+    relative = [line.replace(str(local), "<split>") for line in here.stdout.splitlines()]
+    remotely = [
+        line.replace(f"s3://{BUCKET}/data/damaged/test", "<split>") for line in remote.stdout.splitlines()
+    ]
+    assert relative == remotely
+
+
+class InterruptAfterFirstCompletion(tune.Callback):
+    """SIGINT this process (Tune's Ctrl-C handler) when the first trial completes, once (the marker
+    keeps the copy Tune pickles with the experiment quiet after the resume)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if not os.path.exists(self.marker):
+            Path(self.marker).write_text(trial.trial_id)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_search_with_its_state_in_a_bucket_resumes_from_it(
+    s3_server, s3_shards, s3_mlflow_server, ray_with_s3_env, tmp_path
+):
+    import yaml
+
+    from tune.search import run_search
+    from tune.spec import spec_from_dict
+
+    data = yaml.safe_load((CONFIGS / "tune" / "tiny.yaml").read_text())
+    data["base_config"] = str(CONFIGS / "tiny.yaml")
+    data["overrides"].update({"data.root": s3_shards, "run.epochs": 2, "mlflow.log_checkpoint": False})
+    data["space"] = {"optim.lr": {"grid": [3.0e-3, 1.0e-3]}}  # two trials, one after the other
+    data["search"]["max_concurrent_trials"] = 1
+    data["scheduler"] = {"type": "none"}
+    data["run"] = {"name": "s3-search", "storage_path": f"s3://{BUCKET}/tune/"}
+    data["mlflow"].update(
+        tracking_uri=s3_mlflow_server, experiment="tune-s3-test", registered_model_name="tune-s3-test"
+    )
+    spec = spec_from_dict(data)
+    marker = tmp_path / "interrupted-after"
+    first = run_search(spec, callbacks=[InterruptAfterFirstCompletion(marker)])
+    assert marker.exists() and first.interrupted and not first.resumed
+    assert str(first.experiment_path) == f"s3://{BUCKET}/tune/s3-search"
+    keys = s3_server.keys("tune/s3-search/")
+    assert any(k.rsplit("/", 1)[1].startswith("experiment_state-") for k in keys), keys
+    done_id = marker.read_text()
+    assert f"tune/s3-search/trial_id={done_id}/result.json" in keys
+
+    # A new driver process would start a new Ray; so does this one, with the same environment.
+    ray_with_s3_env.shutdown()
+    ray_with_s3_env.init(address="local", num_cpus=4, include_dashboard=False,
+                         runtime_env={"env_vars": s3_server.env})  # fmt: skip
+    second = run_search(spec)
+    assert second.resumed and not second.interrupted
+    assert second.parent_run_id == first.parent_run_id
+    rows = {row.trial_id: row for row in second.rows}
+    assert len(rows) == 2 and all(row.status == "completed" for row in rows.values()), rows
+    # The trial finished before the interruption was not run again: its reports, read from the
+    # bucket, are the two of its first run.
+    import boto3
+
+    body = boto3.client("s3").get_object(Bucket=BUCKET, Key=f"tune/s3-search/trial_id={done_id}/result.json")
+    steps = [yaml.safe_load(line)["step"] for line in body["Body"].read().decode().splitlines() if line]
+    assert steps == [4, 8]
+    assert second.model_version is not None
+    # The trials' Ray Train checkpoints live under the search's prefix too.
+    assert any("/checkpoints/" in k for k in s3_server.keys("tune/s3-search/")), keys

@@ -86,7 +86,7 @@ def test_live_metrics_each_step_once_across_a_restart_with_data_and_code(
         steps = sorted(m.step for m in client.get_metric_history(run_id, key))
         assert steps == [2, 4, 6, 8], (key, steps)  # a point every log_every steps, each once
     assert sorted(m.step for m in client.get_metric_history(run_id, "test/bits_per_dim")) == [4, 8]
-    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+    assert {"system/node_0/cpu_utilization_percentage", "system/node_0/system_memory_usage_megabytes"} <= set(
         run.data.metrics
     )
 

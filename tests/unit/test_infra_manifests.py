@@ -7,6 +7,7 @@ command whose paths live on the shared volume, or that the image installs the pi
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import shlex
@@ -34,12 +35,13 @@ AWS_8_GPU_TYPES = {"p4d.24xlarge", "p4de.24xlarge", "p5.48xlarge", "p5e.48xlarge
 
 def k8s_docs() -> dict[tuple[str, str], dict]:
     docs = {}
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(K8S.rglob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc is None:
                 continue
             assert "apiVersion" in doc and "kind" in doc, path
-            docs[(doc["kind"], doc["metadata"]["name"] if "metadata" in doc else path.name)] = doc
+            name = doc["metadata"]["name"] if "metadata" in doc else str(path.relative_to(K8S))
+            docs[(doc["kind"], name)] = doc
     return docs
 
 
@@ -82,10 +84,17 @@ def ray_cluster_specs() -> list[tuple[str, dict]]:
 def test_every_manifest_has_kind_and_namespace_and_kustomize_lists_it():
     kustomization = DOCS[("Kustomization", "kustomization.yaml")]
     listed = set(kustomization["resources"])
-    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "rayjob.yaml"}
-    assert listed == on_disk  # rayjob.yaml is per run: kubectl create -f, not part of the base
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == on_disk
+    # The RayJob is per run (kubectl create -k infra/k8s/run), not part of the services; both
+    # kustomizations take the image rewrite from the one registry component.
+    run = DOCS[("Kustomization", "run/kustomization.yaml")]
+    assert run["resources"] == ["rayjob.yaml"] and run["namespace"] == "eiw-flow"
+    assert kustomization["components"] == ["registry"] and run["components"] == ["../registry"]
+    (image,) = DOCS[("Component", "registry/kustomization.yaml")]["images"]
+    assert f"{image['name']}:{image['newTag']}" == IMAGE
     for (kind, name), doc in DOCS.items():
-        if kind in ("Kustomization", "Namespace"):
+        if kind in ("Kustomization", "Component", "Namespace"):
             continue
         assert doc["metadata"].get("namespace") == "eiw-flow", (kind, name)
     assert DOCS[("RayCluster", "eiw-flow")]["apiVersion"] == "ray.io/v1"
@@ -235,7 +244,8 @@ def test_no_literal_secrets_in_infra_or_the_image():
     files += [REPO / "Dockerfile", REPO / ".dockerignore"]
     assert len(files) >= 10
     for path in files:
-        text = path.read_text()
+        # The vendored CRD schemas (infra/k8s/schemas/*.json.gz) are compressed: scan their JSON.
+        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
         for pattern in SECRET_PATTERNS:
             match = pattern.search(text)
             assert match is None, f"{path.relative_to(REPO)}: looks like a literal secret: {match.group(0)!r}"
@@ -267,11 +277,20 @@ def test_dockerfile_installs_the_project_as_pyproject_pins_it():
     runs = [line.removeprefix("RUN ").strip() for line in lines if line.startswith("RUN ")]
     torch_line = next(r for r in runs if "torch==" in r)
     assert torch_line == f"pip install torch=={pinned('torch')} torchvision=={pinned('torchvision')}"
-    assert "pip install -e ." in runs
-    # Every package setuptools installs is copied in before `pip install -e .`.
+    assert "pip install --no-deps -e ." in runs
+    # Every package setuptools installs is copied in before `pip install --no-deps -e .`, and the
+    # dependencies (read from pyproject.toml, the only file copied before them) are installed before
+    # any code is copied: a code change must not reinstall Ray and MLflow.
     copied = {m.group(1) for m in re.finditer(r"^COPY (\w+) \./\1$", text, re.M)}
     for include in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]:
         assert include.rstrip("*") in copied
+    deps_at = text.index("pip install -r /tmp/requirements.txt")
+    first_code_copy = min(text.index(f"COPY {p.rstrip('*')} ") for p in copied)
+    assert text.index("COPY pyproject.toml ./") < deps_at < first_code_copy
+    assert text.index("pip install --no-deps -e .") > first_code_copy
+    apt = re.search(r"apt-get install (.*)", text).group(1)
+    assert {"gcc", "g++", "libc6-dev"} <= set(apt.split())  # torch.compile compiles at run time
+    assert 'NVIDIA_REQUIRE_CUDA="cuda>=13.0"' in text  # torch 2.14.1's PyPI wheel is a CUDA 13.0 build
     assert any(line.startswith("USER ") and line != "USER root" for line in lines)
     ignored = set((REPO / ".dockerignore").read_text().split())
     assert {".git", ".venv", "data", "runs"} <= ignored

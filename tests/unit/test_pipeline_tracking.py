@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from pipeline.final_artifacts import should_log_checkpoint
 from pipeline.lineage import ShardDataset
 from pipeline.order_picture import OrderHistory
 from pipeline.sampling import grid_images, image_key
+from pipeline.system_metrics import logs_this_node, node_id
 from pipeline.tracking import Tracker, image_key_and_step, multipart_uploads
 
 
@@ -183,18 +186,75 @@ def test_dataset_inputs_carry_the_manifest_digest(tmp_path: Path) -> None:
     assert json.loads(dataset.source)["uri"] == str((tmp_path / "data" / "train").resolve())
 
 
-def test_system_metrics_for_this_node(tmp_path: Path) -> None:
+NODE_METRICS = """
+import sys, time
+from pipeline.config import MlflowConfig
+from pipeline.tracking import Tracker
+uri, run_id = sys.argv[1:]
+tracker = Tracker(MlflowConfig(tracking_uri=uri, system_metrics_interval_s=0.2), active=False, run_root=".")
+tracker.follow_node_metrics(run_id)
+time.sleep(3)
+tracker.end("FINISHED")
+"""
+
+
+def _wait_for_metric(client: MlflowClient, run_id: str, key: str) -> None:
+    deadline = time.monotonic() + 60
+    while key not in client.get_run(run_id).data.metrics:
+        assert time.monotonic() < deadline, f"no {key} after 60 s"
+        time.sleep(0.2)
+
+
+def test_system_metrics_from_every_node_keyed_by_node(tmp_path: Path, monkeypatch) -> None:
+    # This process is rank 0 on node 0; a second process plays node 1's local rank 0 (the
+    # environment Ray Train gives it) and logs into the same run through MLflow's public API.
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_NODE_ID", raising=False)
+    for var in ("NODE_RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
     cfg = config(tmp_path, system_metrics=True, system_metrics_interval_s=0.2)
     tracker = started(cfg, tmp_path)
-    deadline = time.monotonic() + 30
     client = MlflowClient(cfg.tracking_uri)
-    while "system/cpu_utilization_percentage" not in client.get_run(tracker.run_id).data.metrics:
-        assert time.monotonic() < deadline, "no system metrics after 30 s"
-        time.sleep(0.2)
+    env = {**os.environ, "NODE_RANK": "1", "LOCAL_RANK": "0", "RANK": "4"}
+    node1 = subprocess.run(
+        [sys.executable, "-c", NODE_METRICS, cfg.tracking_uri, tracker.run_id],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert node1.returncode == 0, node1.stderr[-3000:]
+    _wait_for_metric(client, tracker.run_id, "system/node_0/cpu_utilization_percentage")
     tracker.end()
-    metrics = client.get_run(tracker.run_id).data.metrics
-    assert {"system/system_memory_usage_megabytes", "system/disk_usage_percentage"} <= set(metrics)
-    assert not tracker._monitor  # stopped with the run
+    run = client.get_run(tracker.run_id)
+    keys = set(run.data.metrics)
+    for node in ("node_0", "node_1"):
+        assert {
+            f"system/{node}/system_memory_usage_megabytes",
+            f"system/{node}/disk_usage_percentage",
+        } <= keys
+    assert not any(k.startswith("system/") and k.count("/") == 1 for k in keys)  # none without a node
+    assert run.info.status == "FINISHED"
+    assert "MLFLOW_SYSTEM_METRICS_NODE_ID" not in os.environ  # the process's settings put back
+
+
+@pytest.mark.parametrize(
+    ("env", "logs", "node"),
+    [
+        ({}, True, "node_0"),  # a plain single-process run
+        ({"NODE_RANK": "0", "LOCAL_RANK": "0"}, True, "node_0"),
+        ({"NODE_RANK": "0", "LOCAL_RANK": "3"}, False, "node_0"),
+        ({"NODE_RANK": "2", "LOCAL_RANK": "0"}, True, "node_2"),
+        ({"NODE_RANK": "2", "LOCAL_RANK": "1"}, False, "node_2"),
+    ],
+)
+def test_one_process_per_node_logs_system_metrics(env, logs, node) -> None:
+    assert logs_this_node(env) is logs
+    assert node_id(env) == node
+
+
+def test_other_ranks_on_rank_0s_node_log_nothing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("NODE_RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    tracker = Tracker(config(tmp_path, system_metrics=True), active=False, run_root=tmp_path)
+    tracker.follow_node_metrics("some-run-id")
+    assert tracker._node_metrics is None
 
 
 def test_multipart_uploads_only_for_servers_and_never_over_the_user(monkeypatch) -> None:

@@ -138,7 +138,7 @@ def test_bad_space_names_the_field(space, message):
         ),
         ({"run": {"storage_path": "x"}}, "run.name: required"),
         ({"run": {"name": "a/b"}}, "run.name: must be a plain directory name"),
-        ({"run": {"name": "s", "storage_path": "s3://bucket/tune"}}, "run.storage_path: 's3://bucket/tune'"),
+        ({"run": {"name": "s", "storage_path": "s3://"}}, "run.storage_path: 's3://': name a bucket"),
         ({"mlflow": {"alias": "latest"}}, "mlflow.alias: 'latest'"),
         ({"mlflow": {"alias": "v3"}}, "mlflow.alias: 'v3'"),
         ({"overrides": {"run.name": "x"}}, "overrides.run.name: set by the search"),
