@@ -44,6 +44,9 @@ class DenseFlowConfig:
     net_depth, net_growth: the coupling network's dense block (7 and 64, fixed in their DNMH).
     attention_landmarks: Nystrom landmarks of the coupling network's attention (4 in their code);
         height x width of every level must be divisible by it.
+    depth_multiplier: scales ``layers`` (flow layers per unit) at every level, each rounded and at
+        least 1 (``level_layers``): depth as one number, which a search can sample (Optuna cannot
+        sample lists). 1 = ``layers`` as given; ``units``, widths and the noise are unchanged.
     """
 
     units: tuple[int, ...] = (6, 4, 1)
@@ -53,8 +56,11 @@ class DenseFlowConfig:
     net_depth: int = 7
     net_growth: int = 64
     attention_landmarks: int = 4
+    depth_multiplier: float = 1.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.depth_multiplier, bool) or not 0.0 < self.depth_multiplier <= 64.0:
+            raise ValueError(f"denseflow.depth_multiplier: must be in (0, 64], got {self.depth_multiplier!r}")
         self.units = _positive_ints("denseflow.units", self.units)
         self.layers = _positive_ints("denseflow.layers", self.layers, len(self.units))
         self.mid_channels = _positive_ints("denseflow.mid_channels", self.mid_channels, len(self.units))
@@ -62,6 +68,10 @@ class DenseFlowConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"denseflow.{name}: must be an integer >= 1, got {value!r}")
+
+    def level_layers(self, level: int) -> int:
+        """Flow layers per unit at ``level``: ``layers[level]`` scaled by ``depth_multiplier``."""
+        return max(1, round(self.layers[level] * self.depth_multiplier))
 
 
 @dataclass(kw_only=True)
