@@ -116,6 +116,9 @@ class FlowConfig:
         training loss is a variational bound; ``FlowModel.iwbo_bits_per_dim`` tightens it.
 
     image_shape: (C, H, W) of the data; H and W must be divisible by 2**num_levels.
+    split: the split strategy's config, one class per strategy next to its code (``StaticConfig``,
+        ``EIWConfig``, ``LCMAConfig`` in flows/strategies/), chosen by its ``strategy``; build it with
+        ``SplitConfig(strategy=..., **knobs)`` (old flat keys are read too).
     memory: what a training forward keeps for backward (flows/invertible.py; docs/model.md, "Memory
         modes"). "standard": every step's activations (plain autograd); "invertible": only each level's
         output, every step's input is rebuilt with its inverse in backward (memory flat in num_steps,

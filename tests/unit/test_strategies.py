@@ -274,7 +274,7 @@ def test_sampling_works_with_each_strategy(strategy: str) -> None:
 
 def test_lcma_contribution_is_the_documented_sum() -> None:
     """One training forward: contribution = mean log N(x) + per-dim log-dets, which sum to the level's."""
-    model = tiny_model("lcma", lcma_warmup_steps=5)
+    model = tiny_model("lcma", warmup_steps=5)
     initialize_actnorm(model, images(16))
     perturb_parameters(model, scale=0.1)
     model.advance(0)
@@ -310,7 +310,7 @@ def test_lcma_order_follows_contributions(factor_out: str) -> None:
 
 
 def test_lcma_measures_while_warming_up_and_stops_changing_once_frozen() -> None:
-    model = trained("lcma", steps=2, lcma_warmup_steps=2)
+    model = trained("lcma", steps=2, warmup_steps=2)
     strategy = model.splits[0].strategy
     assert strategy.num_updates.item() == 2 and not bool(strategy.frozen)
     x = torch.randn(2, 12, 4, 4, dtype=torch.float64)
