@@ -288,8 +288,7 @@ class EIWShuffleSplit(FreezableStrategy):
     """
 
     def __init__(self, num_channels: int, cfg: EIWConfig | None = None, **knobs: object) -> None:
-        """Configured by ``cfg`` or, for tests and scripts, by ``EIWConfig``'s knobs as keywords."""
-        super().__init__()
+        super().__init__()  # configured by ``cfg`` or (tests, scripts) by EIWConfig's knobs as keywords
         cfg = cfg if cfg is not None else EIWConfig(**knobs)
         self.regularizer_form = cfg.regularizer
         self.num_keep = num_channels // 2
@@ -311,8 +310,7 @@ class EIWShuffleSplit(FreezableStrategy):
         else:
             value = generator_input_value(num_channels, cfg.generator_input)
             self.generator = CountGenerator(num_channels, hidden, input_value=value)
-        # Built for every form, also target "entropy" that does not read it: the same random draws
-        # (paired seeds) and the same state_dict keys in every form.
+        # Built also for target "entropy" (unread there): same random draws and state_dict keys.
         self.attention = SqueezeExcitation(num_channels, cfg.se_reduction, bias=cfg.se_bias)
         with torch.no_grad():
             logits = self.generator().detach().clone()
