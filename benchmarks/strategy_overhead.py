@@ -9,6 +9,8 @@ forward, loss = ``flows.training_loss`` (bits/dim + sigma * regularization()), b
 - eiw: the authors' Shuffle, unfrozen (the permutation is recomputed from the generator every step,
   the SE head reads the permuted features and its regulariser back-propagates into the flow);
 - eiw-hysteresis: the Shuffle with the hysteresis stabiliser (the order is updated at ``advance``);
+- eiw-normalized, eiw-temperature, eiw-entropy: the opt-in forms (``EIW_FORMS``; docs/model.md,
+  "Shuffle forms"); the entropy target replaces the SE head by a per-channel variance;
 - lcma-measuring: LCMA during warm-up, measuring contributions on every training forward;
 - lcma-frozen: LCMA after warm-up (a per-position gather before each split, nothing measured).
 
@@ -44,7 +46,15 @@ from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm, train
 SIGMA = 1e-3  # the trainer's loss.sigma default (pipeline/config.py LossConfig)
 
 # static-again: a second static model, timed like the others: its ratio shows the noise floor.
-VARIANTS = ["static", "static-again", "eiw", "eiw-hysteresis", "lcma-measuring", "lcma-frozen"]
+# The EIW forms timed (issue 24): the authors' and the opt-in ones, by their knobs.
+EIW_FORMS = {
+    "eiw": {},
+    "eiw-hysteresis": {"stabilizer": "hysteresis"},
+    "eiw-normalized": {"generator_input": "normalized"},
+    "eiw-temperature": {"generator_input": "normalized", "target_temperature": 0.01},
+    "eiw-entropy": {"generator_input": "normalized", "target": "entropy"},
+}
+VARIANTS = ["static", "static-again", *EIW_FORMS, "lcma-measuring", "lcma-frozen"]
 
 
 def images(args: argparse.Namespace) -> torch.Tensor:
@@ -55,11 +65,10 @@ def images(args: argparse.Namespace) -> torch.Tensor:
 def make(args: argparse.Namespace, variant: str):
     """A model for ``variant`` and its training step (a closure with its own Adam)."""
     strategy = variant.split("-")[0]
-    split = SplitConfig(
-        strategy=strategy,
-        stabilizer="hysteresis" if variant == "eiw-hysteresis" else "none",
-        lcma_warmup_steps=10**9 if variant == "lcma-measuring" else 2,
-    )
+    knobs = {"lcma": {"warmup_steps": 10**9 if variant == "lcma-measuring" else 2}}.get(strategy, {})
+    if strategy == "eiw":
+        knobs = EIW_FORMS[variant]
+    split = SplitConfig(strategy=strategy, **knobs)
     cfg = FlowConfig(
         image_shape=(3, args.size, args.size),
         num_levels=args.levels,

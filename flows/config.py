@@ -4,94 +4,18 @@ imports only torch and the standard library."""
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field
 
+# Each strategy's config lives next to its code (flows/strategies/<name>.py); ``SplitConfig(**keys)``
+# picks the class by ``strategy`` and reads the old flat keys too.
+from flows.strategies import STRATEGIES, SplitConfig, SplitOptions, StaticConfig  # noqa: F401
+
 COUPLINGS = ("affine", "additive")
-SPLIT_STRATEGIES = ("static", "static_swapped", "eiw", "lcma")
-SHUFFLE_REGULARIZERS = ("reference", "kl")
-LCMA_FACTOR_OUT = ("low", "high")
+SPLIT_STRATEGIES = STRATEGIES
 MEMORY_MODES = ("standard", "invertible", "checkpoint")
 BASES = ("glow", "denseflow")
 DEQUANTIZATIONS = ("uniform", "variational")
-_SPLIT_CHOICES = {
-    "strategy": SPLIT_STRATEGIES,
-    "regularizer": SHUFFLE_REGULARIZERS,
-    "generator": ("count", "code"),
-    "se_activation": ("softmax", "sigmoid"),
-    "se_input": ("permuted", "aligned"),
-    "stabilizer": ("none", "ema", "hysteresis"),
-    "lcma_factor_out": LCMA_FACTOR_OUT,
-}
-
-
-@dataclass(kw_only=True)
-class SplitConfig:
-    """Which split strategy decides the channels that are factored out at each split.
-
-    The math and the reason for every default are in docs/model.md, "Split strategies". EIW defaults
-    are the authors' Shuffle (studying910/EIW-Flow); the alternatives are this project's first form.
-
-    strategy: "static" (Glow), "static_swapped" (static, halves exchanged: a control), "eiw" (EIW-Flow
-        Shuffle) or "lcma" (likelihood contribution based).
-    regularizer: "reference" (sum_j w_j (log w_j - mean_b s_bj): the authors' KLDivLoss(batchmean)(s, w))
-        or "kl" (KL(w || normalised mean_b s_b)).
-    generator: "count" (authors: the scalar channel count through a bias-free MLP) or "code" (a learned
-        random code through Linear-tanh-Linear).
-    generator_hidden: generator width; null = C // 2 (the authors').
-    se_reduction: squeeze-and-excitation reduction; its hidden width is max(1, C // se_reduction).
-    se_activation: "softmax" over channels (authors) or "sigmoid".
-    se_input: "permuted" (authors: the sorted tensor, paired with w by index) or "aligned" (the input
-        before the sort, so s_j and w_j belong to the same channel).
-    se_detach: feed the SE head a detached tensor (then the trainer's sigma * R never reaches the flow's
-        features, and with Adam sigma has almost no effect). The authors do not detach.
-    se_bias: biases in the SE head (the authors' has none).
-    freeze_after_steps: fix the EIW permutation once this many optimizer steps are done; null never.
-    stabilizer: "none" (authors: re-sort every step), "ema" (sort an EMA of the logits) or
-        "hysteresis" (the kept set changes only when a logit wins by ``hysteresis_margin``).
-    ema_momentum: momentum of the "ema" stabiliser.
-    hysteresis_margin: logit margin of the "hysteresis" stabiliser.
-    lcma_warmup_steps: LCMA only; steps of static split while contributions accumulate, then frozen.
-    lcma_factor_out: LCMA only; which contributions are factored out at each split, "low" or "high".
-    lcma_momentum: LCMA only; momentum of the running (exponential) average of contributions.
-    """
-
-    strategy: str = "static"
-    regularizer: str = "reference"
-    generator: str = "count"
-    generator_hidden: int | None = None
-    se_reduction: int = 16
-    se_activation: str = "softmax"
-    se_input: str = "permuted"
-    se_detach: bool = False
-    se_bias: bool = False
-    freeze_after_steps: int | None = None
-    stabilizer: str = "none"
-    ema_momentum: float = 0.99
-    hysteresis_margin: float = 1.0
-    lcma_warmup_steps: int = 100
-    lcma_factor_out: str = "low"
-    lcma_momentum: float = 0.99
-
-    def __post_init__(self) -> None:
-        for name, choices in _SPLIT_CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name}: unknown {getattr(self, name)!r}; choose one of {choices}")
-        if self.freeze_after_steps is not None and self.freeze_after_steps < 0:
-            raise ValueError(f"freeze_after_steps: must be >= 0 or null, got {self.freeze_after_steps}")
-        if self.se_reduction < 1:
-            raise ValueError(f"se_reduction: must be >= 1, got {self.se_reduction}")
-        if self.generator_hidden is not None and self.generator_hidden < 1:
-            raise ValueError(f"generator_hidden: must be >= 1 or null, got {self.generator_hidden}")
-        if not 0.0 <= self.ema_momentum < 1.0:
-            raise ValueError(f"ema_momentum: must be in [0, 1), got {self.ema_momentum}")
-        if not 0.0 <= self.hysteresis_margin < math.inf:
-            raise ValueError(f"hysteresis_margin: must be a finite number >= 0, got {self.hysteresis_margin}")
-        if self.lcma_warmup_steps < 1:
-            raise ValueError(f"lcma_warmup_steps: must be >= 1, got {self.lcma_warmup_steps}")
-        if not 0.0 <= self.lcma_momentum < 1.0:
-            raise ValueError(f"lcma_momentum: must be in [0, 1), got {self.lcma_momentum}")
 
 
 def _positive_ints(name: str, values: object, length: int | None = None) -> tuple[int, ...]:
@@ -120,6 +44,9 @@ class DenseFlowConfig:
     net_depth, net_growth: the coupling network's dense block (7 and 64, fixed in their DNMH).
     attention_landmarks: Nystrom landmarks of the coupling network's attention (4 in their code);
         height x width of every level must be divisible by it.
+    depth_multiplier: scales ``layers`` (flow layers per unit) at every level, each rounded and at
+        least 1 (``level_layers``): depth as one number, which a search can sample (Optuna cannot
+        sample lists). 1 = ``layers`` as given; ``units``, widths and the noise are unchanged.
     """
 
     units: tuple[int, ...] = (6, 4, 1)
@@ -129,8 +56,11 @@ class DenseFlowConfig:
     net_depth: int = 7
     net_growth: int = 64
     attention_landmarks: int = 4
+    depth_multiplier: float = 1.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.depth_multiplier, bool) or not 0.0 < self.depth_multiplier <= 64.0:
+            raise ValueError(f"denseflow.depth_multiplier: must be in (0, 64], got {self.depth_multiplier!r}")
         self.units = _positive_ints("denseflow.units", self.units)
         self.layers = _positive_ints("denseflow.layers", self.layers, len(self.units))
         self.mid_channels = _positive_ints("denseflow.mid_channels", self.mid_channels, len(self.units))
@@ -138,6 +68,10 @@ class DenseFlowConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"denseflow.{name}: must be an integer >= 1, got {value!r}")
+
+    def level_layers(self, level: int) -> int:
+        """Flow layers per unit at ``level``: ``layers[level]`` scaled by ``depth_multiplier``."""
+        return max(1, round(self.layers[level] * self.depth_multiplier))
 
 
 @dataclass(kw_only=True)
@@ -182,6 +116,9 @@ class FlowConfig:
         training loss is a variational bound; ``FlowModel.iwbo_bits_per_dim`` tightens it.
 
     image_shape: (C, H, W) of the data; H and W must be divisible by 2**num_levels.
+    split: the split strategy's config, one class per strategy next to its code (``StaticConfig``,
+        ``EIWConfig``, ``LCMAConfig`` in flows/strategies/), chosen by its ``strategy``; build it with
+        ``SplitConfig(strategy=..., **knobs)`` (old flat keys are read too).
     memory: what a training forward keeps for backward (flows/invertible.py; docs/model.md, "Memory
         modes"). "standard": every step's activations (plain autograd); "invertible": only each level's
         output, every step's input is rebuilt with its inverse in backward (memory flat in num_steps,
@@ -202,7 +139,7 @@ class FlowConfig:
     memory: str = "standard"
     base: str = "glow"
     dequantization: str = "uniform"
-    split: SplitConfig = field(default_factory=SplitConfig)
+    split: SplitOptions = field(default_factory=StaticConfig)
     denseflow: DenseFlowConfig = field(default_factory=DenseFlowConfig)
     dequantizer: DequantizerConfig = field(default_factory=DequantizerConfig)
 

@@ -22,10 +22,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, PlainValidator, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, PlainValidator, field_validator, model_validator
 
 from data_prep.storage import RemotePath, as_path, is_uri
 from flows import FlowConfig, SplitConfig
+from flows.strategies import SplitOptions, legacy_split_keys
 from pipeline.config_loading import ConfigModel, Overrides, load_file, revise, validate, with_overrides
 
 AUTO = "auto"
@@ -289,12 +290,43 @@ class RayConfig(ConfigModel):
         return self.use_gpu if isinstance(self.use_gpu, bool) else cluster_resources.get("GPU", 0) >= 1
 
 
+class _SplitByStrategy:
+    """pydantic hook: ``FlowConfig.split`` validated as a union discriminated by ``strategy`` (one
+    config class per strategy, flows/strategies/), so a bad key or value names that strategy's field."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        schema = handler(source)
+        tagged = handler.generate_schema(Annotated[SplitOptions, Field(discriminator="strategy")])
+        fields = handler.resolve_ref_schema(schema)["schema"]["fields"]
+        (split,) = [f for f in fields if f["name"] == "split"]
+        if split["schema"]["type"] == "default":  # the default_factory wraps the field's schema
+            split["schema"]["schema"] = tagged
+        else:  # pragma: no cover - FlowConfig.split always has a default
+            split["schema"] = tagged
+        return schema
+
+
+def _split_from_old_keys(model: Any) -> Any:
+    """A ``model`` mapping whose ``split`` uses the old flat keys -> its strategy's keys
+    (flows.strategies.legacy_split_keys); a knob of another strategy is an error naming it."""
+    if isinstance(model, dict) and isinstance(model.get("split"), dict):
+        try:  # flows' default strategy (TrainConfig's own validator has set the pipeline's before this)
+            return {**model, "split": legacy_split_keys({"strategy": "static", **model["split"]})}
+        except ValueError as e:
+            raise ValueError(f"split.{e}") from None
+    return model
+
+
+# The model section: flows' FlowConfig with its split as a discriminated union and old keys mapped.
+ModelSection = Annotated[FlowConfig, _SplitByStrategy(), BeforeValidator(_split_from_old_keys)]
+
+
 def _default_model() -> FlowConfig:
     return FlowConfig(split=SplitConfig(strategy=DEFAULT_SPLIT_STRATEGY))
 
 
 class TrainConfig(ConfigModel):
-    model: FlowConfig = Field(default_factory=_default_model)
+    model: ModelSection = Field(default_factory=_default_model)
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     loss: LossConfig = LossConfig()
@@ -325,11 +357,11 @@ class TrainConfig(ConfigModel):
     @model_validator(mode="after")
     def _lcma_warms_up_within_the_run(self) -> TrainConfig:
         split = self.model.split
-        if split.strategy == "lcma" and self.total_steps <= split.lcma_warmup_steps:
+        if split.strategy == "lcma" and self.total_steps <= split.warmup_steps:
             warnings.warn(
-                f"model.split.lcma_warmup_steps ({split.lcma_warmup_steps}) is not below the run's "
+                f"model.split.warmup_steps ({split.warmup_steps}) is not below the run's "
                 f"{self.total_steps} steps (run.epochs x data.batches_per_epoch): LCMA never freezes an "
-                "order and the split stays static for the whole run; lower lcma_warmup_steps",
+                "order and the split stays static for the whole run; lower warmup_steps",
                 UserWarning,
                 stacklevel=2,
             )
@@ -341,7 +373,7 @@ class TrainConfig(ConfigModel):
 
 
 class _FlowConfigFile(ConfigModel):
-    model: FlowConfig
+    model: ModelSection
 
 
 def flow_config_from_dict(data: Any, *, source: str = "") -> FlowConfig:

@@ -194,19 +194,24 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # ------------------------------------------------------------------------------- error messages
 def _problem(model: type, error: Any) -> tuple[str, str]:
     """One pydantic error -> (dotted key, message in this project's words)."""
-    loc, kind, value = list(error["loc"]), error["type"], error.get("input")
+    raw_loc, kind, value = list(error["loc"]), error["type"], error.get("input")
+    loc, node = _walk(model, raw_loc)
     if kind in ("value_error", "assertion_error"):
         message = str(error["ctx"]["error"])
         head, sep, rest = message.partition(": ")
-        if sep and head in _field_names(model, loc):  # a dataclass's __post_init__ names its field
-            loc, message = [*loc, head], rest
+        if sep and head.split(".")[0] in _names_of(node):  # a dataclass's __post_init__ names its field
+            loc, message = [*loc, *head.split(".")], rest
     elif kind in ("extra_forbidden", "unexpected_keyword_argument"):
-        known = _field_names(model, loc[:-1])
+        known = _names_of(_walk(model, raw_loc[:-1])[1])
         message = "unknown field" + (f" (known: {', '.join(known)})" if known else "")
     elif kind in ("missing", "missing_keyword_argument", "missing_argument"):
         message = "required"
     elif kind == "literal_error":
         message = f"unknown {value!r}; choose one of {error['ctx']['expected']}"
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):  # a discriminated union (model.split)
+        field = error["ctx"]["discriminator"].strip("'")
+        tag = error["ctx"].get("tag", "nothing")
+        loc, message = [*loc, field], f"unknown {tag!r}; choose one of {error['ctx'].get('expected_tags')}"
     elif kind == "finite_number":
         message = f"must be a finite number, got {value!r}"
     else:
@@ -216,25 +221,65 @@ def _problem(model: type, error: Any) -> tuple[str, str]:
     return key, message
 
 
-def _field_names(model: Any, loc: list[Any]) -> list[str]:
-    """The field names of the model or dataclass at ``loc`` inside ``model`` (empty if there is none)."""
-    node = model
-    for part in [*loc, None]:
-        while typing.get_origin(node) in (typing.Union, types.UnionType, typing.Annotated):
-            node = next(a for a in typing.get_args(node) if a is not type(None))
-        if isinstance(node, type) and issubclass(node, BaseModel):
-            fields = {name: f.annotation for name, f in node.model_fields.items()}
-        elif dataclasses.is_dataclass(node):
-            fields = typing.get_type_hints(node)
-        elif typing.get_origin(node) in (dict, tuple, list) and part is not None:
+def _unwrap(node: Any) -> Any:
+    """Annotated[T, ...] -> T, T | None -> T; a union of several types stays a union."""
+    while True:
+        if typing.get_origin(node) is typing.Annotated:
+            node = typing.get_args(node)[0]
+        elif typing.get_origin(node) in (typing.Union, types.UnionType):
+            members = [a for a in typing.get_args(node) if a is not type(None)]
+            if len(members) > 1:
+                return node
+            node = members[0]
+        else:
+            return node
+
+
+def _fields_of(node: Any) -> dict[str, Any] | None:
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return {name: f.annotation for name, f in node.model_fields.items()}
+    if dataclasses.is_dataclass(node):
+        hints = typing.get_type_hints(node)
+        return {f.name: hints[f.name] for f in dataclasses.fields(node)}
+    return None
+
+
+def _tagged_member(node: Any, tag: Any) -> Any:
+    """The member of a discriminated union whose Literal field holds ``tag`` (None if none does)."""
+    for member in typing.get_args(node):
+        for annotation in (_fields_of(member) or {}).values():
+            if typing.get_origin(annotation) is typing.Literal and tag in typing.get_args(annotation):
+                return member
+    return None
+
+
+def _walk(model: Any, loc: list[Any]) -> tuple[list[Any], Any]:
+    """Follow ``loc`` through the types inside ``model``: (loc without the tags pydantic puts in a
+    discriminated union's locations, the type at its end or None)."""
+    node, clean = model, []
+    for part in loc:
+        node = _unwrap(node)
+        if typing.get_origin(node) in (typing.Union, types.UnionType):
+            member = _tagged_member(node, part)
+            if member is not None:
+                node = member
+                continue
+            node = _unwrap(typing.get_args(node)[0])
+        clean.append(part)
+        fields = _fields_of(node)
+        if fields is not None:
+            node = fields.get(part) if isinstance(part, str) else None
+        elif typing.get_origin(node) in (dict, tuple, list) and node is not None:
             args = [a for a in typing.get_args(node) if a is not Ellipsis]
             node = args[-1] if typing.get_origin(node) is dict or len(args) == 1 else args[part]
-            continue
         else:
-            return []
-        if part is None:
-            return list(fields)
-        if part not in fields:
-            return []
-        node = fields[part]
-    return []
+            node = None
+    return clean, node
+
+
+def _names_of(node: Any) -> list[str]:
+    """The field names of a model or dataclass type (of a union: its first member's); else none."""
+    node = _unwrap(node)
+    if typing.get_origin(node) in (typing.Union, types.UnionType):
+        node = _unwrap(typing.get_args(node)[0])
+    return list(_fields_of(node) or {})

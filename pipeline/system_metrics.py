@@ -24,6 +24,7 @@ from mlflow.environment_variables import (
     MLFLOW_SYSTEM_METRICS_NODE_ID,
     MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL,
 )
+from mlflow.tracking import fluent as mlflow_fluent
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,22 @@ def monitor_settings(*, node: str, interval_s: float) -> Iterator[None]:
                 os.environ[var.name] = value
 
 
+# Here rather than in tracking.py, which imports this module: both open runs by id.
+@contextlib.contextmanager
+def active_experiment_lifted() -> Iterator[None]:
+    """MLflow refuses ``start_run(run_id=...)`` for a run outside the experiment that
+    ``mlflow.set_experiment`` made active in this process (a notebook's, an earlier job's), although
+    the run id already names its experiment. Lift that one check for the call and put the caller's
+    choice back; the MLFLOW_EXPERIMENT_ID environment variable (which Ray and Tune pass on) is left
+    alone. ``_active_experiment_id`` is MLflow's module state (mlflow/tracking/fluent.py, 3.x)."""
+    held = getattr(mlflow_fluent, "_active_experiment_id", None)
+    mlflow_fluent._active_experiment_id = None
+    try:
+        yield
+    finally:
+        mlflow_fluent._active_experiment_id = held
+
+
 class NodeSystemMetrics:
     """This node's system metrics into rank 0's MLflow run, from a process that is not rank 0."""
 
@@ -74,13 +91,11 @@ class NodeSystemMetrics:
         self.run_id: str | None = None
 
     def start(self, run_id: str) -> None:
-        from pipeline.tracking import _active_experiment_lifted
-
         try:
             mlflow.set_tracking_uri(self.tracking_uri)
             if mlflow.active_run() is not None:
                 mlflow.end_run()
-            with monitor_settings(node=node_id(), interval_s=self.interval_s), _active_experiment_lifted():
+            with monitor_settings(node=node_id(), interval_s=self.interval_s), active_experiment_lifted():
                 mlflow.start_run(run_id=run_id, log_system_metrics=True)
             self.run_id = run_id
         except Exception as e:  # noqa: BLE001 - monitoring must never stop training

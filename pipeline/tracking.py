@@ -39,14 +39,19 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
-from mlflow.tracking import fluent as mlflow_fluent
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from torch import Tensor
 
 from data_prep.storage import RemotePath, as_path
 from pipeline.config import MlflowConfig
 from pipeline.order_picture import ARTIFACT_DIR, DATA_NAME, PICTURE_NAME, OrderHistory
-from pipeline.system_metrics import NodeSystemMetrics, logs_this_node, monitor_settings, node_id
+from pipeline.system_metrics import (
+    NodeSystemMetrics,
+    active_experiment_lifted,
+    logs_this_node,
+    monitor_settings,
+    node_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +114,6 @@ def multipart_uploads(tracking_uri: str) -> Iterator[None]:
         os.environ.pop(key, None)
 
 
-@contextlib.contextmanager
-def _active_experiment_lifted() -> Iterator[None]:
-    """MLflow refuses ``start_run(run_id=...)`` for a run outside the experiment that
-    ``mlflow.set_experiment`` made active in this process (a notebook's, an earlier job's), although
-    the run id already names its experiment. Lift that one check for the call and put the caller's
-    choice back; the MLFLOW_EXPERIMENT_ID environment variable (which Ray and Tune pass on) is left
-    alone. ``_active_experiment_id`` is MLflow's module state (mlflow/tracking/fluent.py, 3.x)."""
-    held = getattr(mlflow_fluent, "_active_experiment_id", None)
-    mlflow_fluent._active_experiment_id = None
-    try:
-        yield
-    finally:
-        mlflow_fluent._active_experiment_id = held
-
-
 class Tracker:
     def __init__(self, cfg: MlflowConfig, *, active: bool, run_root: str | Path) -> None:
         self.cfg = cfg
@@ -174,7 +164,7 @@ class Tracker:
         # MLflow's monitor starts with the run (and stops with ``end_run``) when system metrics are on.
         system = monitor_settings(node=node_id(), interval_s=self.cfg.system_metrics_interval_s)
         if run_id is not None:
-            with _active_experiment_lifted(), system:
+            with active_experiment_lifted(), system:
                 run = mlflow.start_run(run_id=run_id, log_system_metrics=self.cfg.system_metrics)
             log.info("continuing MLflow run %s (%s)", run_id, run_name)
             self._read_held(run_id, resumed_from)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from flows import build_flow
+from flows.strategies import legacy_split_keys
 from pipeline.checkpoint import (
     checkpoint_name,
     list_checkpoints,
@@ -32,7 +33,13 @@ from pipeline.checkpoint import (
     write_checkpoint,
 )
 from pipeline.checkpoint_writer import cpu_copy
-from pipeline.config import TrainConfig, checkpoint_root, config_to_yaml, migrate_moved_keys
+from pipeline.config import (
+    DEFAULT_SPLIT_STRATEGY,
+    TrainConfig,
+    checkpoint_root,
+    config_to_yaml,
+    migrate_moved_keys,
+)
 from pipeline.config_loading import flatten
 from pipeline.rng import rng_state, set_rng_state
 from pipeline.runtime import Runtime
@@ -73,6 +80,16 @@ def is_fixed_on_resume(key: str) -> bool:
     return any(key.startswith(f) if f.endswith(".") else key == f for f in FIXED_ON_RESUME)
 
 
+def saved_in_current_keys(saved: dict) -> dict:
+    """A checkpoint's saved config in today's key names: moved keys (``model.split.sigma`` ->
+    ``loss.sigma``) and the old flat split knobs (``lcma_warmup_steps`` -> LCMA's ``warmup_steps``)."""
+    data = migrate_moved_keys(saved, warn=False)
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("split"), dict):
+        model["split"] = legacy_split_keys({"strategy": DEFAULT_SPLIT_STRATEGY, **model["split"]})
+    return data
+
+
 def config_changes(saved: dict, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
     """Dotted key -> (the checkpoint's value, ``cfg``'s) for every setting that differs.
 
@@ -80,7 +97,7 @@ def config_changes(saved: dict, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
     config has (since removed) is not compared.
     """
     new = flatten(cfg.model_dump(mode="json"))
-    old = flatten(TrainConfig().model_dump(mode="json")) | flatten(migrate_moved_keys(saved, warn=False))
+    old = flatten(TrainConfig().model_dump(mode="json")) | flatten(saved_in_current_keys(saved))
     return {k: (old.get(k), v) for k, v in new.items() if k not in old or old[k] != v}
 
 

@@ -66,7 +66,7 @@ def build_dense_levels(cfg: FlowConfig, generator: torch.Generator) -> tuple[lis
         block = InvertibleDenseBlock(
             channels,
             num_units=dense.units[level],
-            num_layers=dense.layers[level],
+            num_layers=dense.level_layers(level),
             mid_channels=dense.mid_channels[level],
             growth_rate=dense.growth_rate,
             net_depth=dense.net_depth,

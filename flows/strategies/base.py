@@ -10,12 +10,49 @@ The training loop drives every strategy through the model, once per optimizer st
 step's forward pass (``FlowModel.advance(step)``): ``bind(level)`` hands the strategy the level whose
 output it receives (LCMA measures it), then ``advance(step)`` applies its schedule (freezing, a
 stabiliser). Both are no-ops here, so a new strategy only overrides what it uses.
+
+Each strategy's configuration is a ``StrategyConfig`` subclass in the strategy's own file, registered
+by name in flows/strategies/__init__.py; ``FlowConfig.split`` holds one of them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
+
+
+@dataclass(kw_only=True)
+class StrategyConfig:
+    """The fields every strategy's config shares. A subclass narrows ``strategy`` to its name(s)
+    (a ``Literal``: the pipeline validates ``model.split`` as a union discriminated by it), adds its
+    knobs with their defaults (the only place they are written) and builds its module.
+
+    strategy: the registered name that selected this config. (The regulariser's weight is not a model
+        setting: the trainer's ``loss.sigma``, flows/objective.py.)
+    """
+
+    strategy: str
+
+    NAMES: ClassVar[tuple[str, ...]] = ()  # the ``strategy`` values this class configures (a class attribute)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in self.NAMES:
+            raise ValueError(f"strategy: {self.strategy!r} is not configured by {type(self).__name__}")
+
+    @classmethod
+    def knob_names(cls) -> tuple[str, ...]:
+        """This strategy's own fields (not the shared ``strategy``)."""
+        return tuple(f.name for f in fields(cls) if f.name != "strategy")
+
+    def knobs(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.knob_names()}
+
+    def build(self, num_channels: int, height: int, width: int) -> SplitStrategy:  # pragma: no cover
+        """One strategy module for a split whose input is (num_channels, height, width)."""
+        raise NotImplementedError
 
 
 class SplitStrategy(nn.Module):

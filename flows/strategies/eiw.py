@@ -28,29 +28,142 @@ Stabilisers (ours; the authors re-sort on every step and the kept set churns): `
 exponential average of the logits; ``hysteresis`` changes the held order only when a factored-out
 channel's logit beats a kept channel's by ``hysteresis_margin``. Both update at ``advance`` (once per
 optimizer step) into the ``held_perm`` buffer, which is also where ``freeze`` puts the order.
+
+Opt-in forms (ours, issue 24; the math and the reasons are in docs/model.md, "Shuffle forms"):
+``generator_input`` "normalized" (the scalar 1), "log" (log C) or "none" (free logits) instead of the
+raw count C, which saturates the softmax at DenseFlow's widths; ``target: entropy`` ties w to the
+channels' Gaussian entropy 0.5 log(2 pi e Var x_j) instead of the SE attention, and
+``target_temperature`` T divides the target's logits (the attention target mean_b s_b is uniform to
+within about 1/C; T << 1 lets its differences decide).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.strategies.base import FreezableStrategy, kept_fraction_of_first_half
+from flows.strategies.base import FreezableStrategy, StrategyConfig, kept_fraction_of_first_half
 
 # The churn diagnostic is an exponentially weighted share of steps whose kept set changed, over about
 # the last 1 / (1 - CHURN_MOMENTUM) = 100 optimizer steps; it lives in buffers, so it survives a resume.
 CHURN_MOMENTUM = 0.99
 
 
-class CountGenerator(nn.Module):
-    """The authors' WeightGenerator: the scalar C through Linear(1, H)-ReLU-Linear(H, C), bias-free."""
+_EIW_CHOICES = {
+    "regularizer": ("reference", "kl"),
+    "generator": ("count", "code"),
+    "generator_input": ("count", "normalized", "log", "none"),
+    "se_activation": ("softmax", "sigmoid"),
+    "se_input": ("permuted", "aligned"),
+    "target": ("attention", "entropy"),
+    "stabilizer": ("none", "ema", "hysteresis"),
+}
 
-    def __init__(self, num_channels: int, hidden: int) -> None:
+
+@dataclass(kw_only=True)
+class EIWConfig(StrategyConfig):
+    """The EIW Shuffle's knobs; every default is the authors' form (docs/model.md, "Split strategies"),
+    the alternatives are this project's first Shuffle and the opt-in forms of issue 24.
+
+    regularizer: "reference" (sum_j w_j (log w_j - t_j): the authors' KLDivLoss(batchmean)(s, w))
+        or "kl" (KL(w || q), q the normalised target).
+    generator: "count" (authors: a scalar through a bias-free MLP) or "code" (a learned random code
+        through Linear-tanh-Linear).
+    generator_input: what the count generator reads: "count" (authors: the channel count C; its
+        logits grow like C and the softmax saturates at C ~ 100), "normalized" (1, i.e. C / C),
+        "log" (log C) or "none" (no network: C free logits, initialised as "normalized" would be).
+    generator_hidden: generator width; null = C // 2 (the authors').
+    se_reduction: squeeze-and-excitation reduction; its hidden width is max(1, C // se_reduction).
+    se_activation: "softmax" over channels (authors) or "sigmoid".
+    se_input: "permuted" (authors: the sorted tensor, paired with w by index) or "aligned" (the input
+        before the sort, so s_j and w_j belong to the same channel).
+    se_detach: feed the SE head a detached tensor (then sigma * R never reaches the flow's features,
+        and with Adam sigma has almost no effect). The authors do not detach.
+    se_bias: biases in the SE head (the authors' has none).
+    target: what w is tied to: "attention" (authors: t = mean_b s_b of the SE head) or "entropy"
+        (t_j = 0.5 log(2 pi e Var x_j), each input channel's Gaussian entropy over batch and positions;
+        no SE head is used).
+    target_temperature: T > 0 divides the target's logits, t / T (1 = the authors').
+    freeze_after_steps: fix the permutation once this many optimizer steps are done; null never.
+    stabilizer: "none" (authors: re-sort every step), "ema" (sort an EMA of the logits) or
+        "hysteresis" (the kept set changes only when a logit wins by ``hysteresis_margin``).
+    ema_momentum: momentum of the "ema" stabiliser.
+    hysteresis_margin: logit margin of the "hysteresis" stabiliser.
+    """
+
+    strategy: Literal["eiw"] = "eiw"
+    regularizer: Literal["reference", "kl"] = "reference"
+    generator: Literal["count", "code"] = "count"
+    generator_input: Literal["count", "normalized", "log", "none"] = "count"
+    generator_hidden: int | None = None
+    se_reduction: int = 16
+    se_activation: Literal["softmax", "sigmoid"] = "softmax"
+    se_input: Literal["permuted", "aligned"] = "permuted"
+    se_detach: bool = False
+    se_bias: bool = False
+    target: Literal["attention", "entropy"] = "attention"
+    target_temperature: float = 1.0
+    freeze_after_steps: int | None = None
+    stabilizer: Literal["none", "ema", "hysteresis"] = "none"
+    ema_momentum: float = 0.99
+    hysteresis_margin: float = 1.0
+
+    NAMES: ClassVar[tuple[str, ...]] = ("eiw",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, choices in _EIW_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}: unknown {getattr(self, name)!r}; choose one of {choices}")
+        if self.generator == "code" and self.generator_input != "count":
+            raise ValueError(
+                f"generator_input: {self.generator_input!r} applies to generator 'count'; the 'code' "
+                "generator reads its learned code"
+            )
+        if self.freeze_after_steps is not None and self.freeze_after_steps < 0:
+            raise ValueError(f"freeze_after_steps: must be >= 0 or null, got {self.freeze_after_steps}")
+        if self.se_reduction < 1:
+            raise ValueError(f"se_reduction: must be >= 1, got {self.se_reduction}")
+        if self.generator_hidden is not None and self.generator_hidden < 1:
+            raise ValueError(f"generator_hidden: must be >= 1 or null, got {self.generator_hidden}")
+        if not 0.0 < self.target_temperature < math.inf:
+            raise ValueError(
+                f"target_temperature: must be a finite number > 0, got {self.target_temperature}"
+            )
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ValueError(f"ema_momentum: must be in [0, 1), got {self.ema_momentum}")
+        if not 0.0 <= self.hysteresis_margin < math.inf:
+            raise ValueError(f"hysteresis_margin: must be a finite number >= 0, got {self.hysteresis_margin}")
+
+    def build(self, num_channels: int, height: int, width: int) -> EIWShuffleSplit:
+        return EIWShuffleSplit(num_channels, self)
+
+
+def generator_input_value(num_channels: int, form: str) -> float:
+    """The scalar the count generator reads: C (authors), 1 ("normalized", also "none"'s init) or log C."""
+    if form == "count":
+        return float(num_channels)
+    if form == "log":
+        return math.log(num_channels)
+    return 1.0
+
+
+class CountGenerator(nn.Module):
+    """The authors' WeightGenerator: the scalar C through Linear(1, H)-ReLU-Linear(H, C), bias-free.
+
+    ``input_value`` replaces C for the opt-in forms ("normalized": 1, "log": log C): the logits are
+    linear in it (the MLP is bias-free and ReLU is positively homogeneous), so with C their scale grows
+    with the width and their softmax saturates; with 1 it does not."""
+
+    def __init__(self, num_channels: int, hidden: int, input_value: float | None = None) -> None:
         super().__init__()
         self.num_channels = num_channels
+        self.input_value = float(num_channels) if input_value is None else float(input_value)
         self.fc = nn.Sequential(
             nn.Linear(1, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, num_channels, bias=False)
         )
@@ -60,7 +173,21 @@ class CountGenerator(nn.Module):
         # Always in the parameters' precision: a permutation sorted from bf16 logits under autocast in
         # training could differ from the float32 one that decode and sample rebuild outside it.
         with torch.autocast(weight.device.type, enabled=False):
-            return self.fc(weight.new_full((1,), float(self.num_channels)))
+            return self.fc(weight.new_full((1,), self.input_value))
+
+
+class FreeLogits(nn.Module):
+    """``generator_input: none``: the C logits are parameters themselves, initialised to the
+    normalised count generator's output (the same random draws, so other weights stay paired)."""
+
+    def __init__(self, num_channels: int, hidden: int) -> None:
+        super().__init__()
+        with torch.no_grad():
+            start = CountGenerator(num_channels, hidden, input_value=1.0)()
+        self.logits = nn.Parameter(start.detach().clone())
+
+    def forward(self) -> Tensor:
+        return self.logits
 
 
 class CodeGenerator(nn.Module):
@@ -99,21 +226,40 @@ def log_attention(attention_logits: Tensor, activation: str) -> Tensor:
     return F.logsigmoid(attention_logits)
 
 
-def shuffle_regularizer(log_w: Tensor, log_s: Tensor, form: str) -> Tensor:
+def shuffle_regularizer(log_w: Tensor, log_s: Tensor, form: str, temperature: float = 1.0) -> Tensor:
     """The Shuffle regulariser of one split: log_w (C,) log-softmax weights, log s (B, C) -> ().
 
-    reference: sum_j w_j (log w_j - mean_b s_bj)   (KLDivLoss(batchmean)(s, w), see module doc)
-    kl: sum_j w_j (log w_j - log q_j), q_j = mean_b s_bj / sum_k mean_b s_bk, with
+    reference: sum_j w_j (log w_j - mean_b s_bj / T)   (KLDivLoss(batchmean)(s, w) at T = 1)
+    kl: sum_j w_j (log w_j - log q_j), q_j proportional to (mean_b s_bj)^(1/T), with
         log mean_b s_bj = logsumexp_b log s_bj - log B.
+    T = 1 is the authors' (dividing by 1.0 is exact, so their form is unchanged bit for bit).
     """
     w = log_w.exp()
     if form == "reference":
-        return (w * (log_w - log_s.exp().mean(dim=0))).sum()
+        return (w * (log_w - log_s.exp().mean(dim=0) / temperature)).sum()
     if form == "kl":
-        log_mean_s = torch.logsumexp(log_s, dim=0) - math.log(log_s.shape[0])
+        log_mean_s = (torch.logsumexp(log_s, dim=0) - math.log(log_s.shape[0])) / temperature
         log_q = log_mean_s - torch.logsumexp(log_mean_s, dim=0)
         return (w * (log_w - log_q)).sum()
     raise ValueError(f"split.regularizer: unknown {form!r}; choose 'reference' or 'kl'")
+
+
+def channel_entropy(x: Tensor) -> Tensor:
+    """Gaussian entropy of each channel, 0.5 log(2 pi e Var x_j) over batch and positions:
+    x (B, C, H, W) -> (C,), detached (a measurement the weights are tied to, not a path for gradients).
+    The maximum entropy of any density with that variance, in nats; the variance is clamped at 1e-12."""
+    x = x.detach()
+    var = x.transpose(0, 1).reshape(x.shape[1], -1).var(dim=1)
+    return 0.5 * torch.log(2 * math.pi * math.e * var.clamp(min=1e-12))
+
+
+def target_regularizer(log_w: Tensor, target_logits: Tensor, form: str) -> Tensor:
+    """The regulariser for a per-channel target t (C,): reference sum_j w_j (log w_j - t_j), kl
+    KL(w || softmax(t)); both are minimised by w = softmax(t) and differ by logsumexp(t)."""
+    w = log_w.exp()
+    if form == "reference":
+        return (w * (log_w - target_logits)).sum()
+    return (w * (log_w - F.log_softmax(target_logits, dim=0))).sum()
 
 
 def sort_descending(logits: Tensor) -> Tensor:
@@ -141,39 +287,31 @@ class EIWShuffleSplit(FreezableStrategy):
     parameters being evaluated. Frozen or stabilised, it is the ``held_perm`` buffer.
     """
 
-    def __init__(
-        self,
-        num_channels: int,
-        *,
-        regularizer: str = "reference",
-        generator: str = "count",
-        generator_hidden: int | None = None,
-        se_reduction: int = 16,
-        se_activation: str = "softmax",
-        se_input: str = "permuted",
-        se_detach: bool = False,
-        se_bias: bool = False,
-        freeze_after_steps: int | None = None,
-        stabilizer: str = "none",
-        ema_momentum: float = 0.99,
-        hysteresis_margin: float = 1.0,
-    ) -> None:
-        super().__init__()
-        if regularizer not in ("reference", "kl"):
-            raise ValueError(f"split.regularizer: unknown {regularizer!r}; choose 'reference' or 'kl'")
-        self.regularizer_form = regularizer
+    def __init__(self, num_channels: int, cfg: EIWConfig | None = None, **knobs: object) -> None:
+        super().__init__()  # configured by ``cfg`` or (tests, scripts) by EIWConfig's knobs as keywords
+        cfg = cfg if cfg is not None else EIWConfig(**knobs)
+        self.regularizer_form = cfg.regularizer
         self.num_keep = num_channels // 2
-        self.se_activation = se_activation
-        self.se_input = se_input
-        self.se_detach = se_detach
-        self.freeze_after_steps = freeze_after_steps
-        self.stabilizer = stabilizer
-        self.ema_momentum = ema_momentum
-        self.hysteresis_margin = hysteresis_margin
-        hidden = generator_hidden or max(1, num_channels // 2)
-        self.generator_kind = generator
-        self.generator = (CountGenerator if generator == "count" else CodeGenerator)(num_channels, hidden)
-        self.attention = SqueezeExcitation(num_channels, se_reduction, bias=se_bias)
+        self.se_activation = cfg.se_activation
+        self.se_input = cfg.se_input
+        self.se_detach = cfg.se_detach
+        self.target = cfg.target
+        self.target_temperature = cfg.target_temperature
+        self.freeze_after_steps = cfg.freeze_after_steps
+        self.stabilizer = cfg.stabilizer
+        self.ema_momentum = cfg.ema_momentum
+        self.hysteresis_margin = cfg.hysteresis_margin
+        hidden = cfg.generator_hidden or max(1, num_channels // 2)
+        self.generator_kind = cfg.generator
+        if cfg.generator == "code":
+            self.generator = CodeGenerator(num_channels, hidden)
+        elif cfg.generator_input == "none":
+            self.generator = FreeLogits(num_channels, hidden)
+        else:
+            value = generator_input_value(num_channels, cfg.generator_input)
+            self.generator = CountGenerator(num_channels, hidden, input_value=value)
+        # Built also for target "entropy" (unread there): same random draws and state_dict keys.
+        self.attention = SqueezeExcitation(num_channels, cfg.se_reduction, bias=cfg.se_bias)
         with torch.no_grad():
             logits = self.generator().detach().clone()
         self.register_buffer("initial_perm", sort_descending(logits))
@@ -208,12 +346,17 @@ class EIWShuffleSplit(FreezableStrategy):
         logits = self.generator()
         perm = self.held_perm if self._holds_perm else sort_descending(logits)
         y = x.index_select(1, perm)
+        log_w = F.log_softmax(logits, dim=0)
+        if self.target == "entropy":
+            target = channel_entropy(x).to(log_w.dtype) / self.target_temperature
+            self._last_regularization = target_regularizer(log_w, target, self.regularizer_form)
+            return y
         se_in = y if self.se_input == "permuted" else x
         if self.se_detach:
             se_in = se_in.detach()
         log_s = log_attention(self.attention(se_in), self.se_activation)
         self._last_regularization = shuffle_regularizer(
-            F.log_softmax(logits, dim=0), log_s, self.regularizer_form
+            log_w, log_s, self.regularizer_form, self.target_temperature
         )
         return y
 

@@ -27,6 +27,8 @@ references to them and puts a forward hook on each affine coupling's net to read
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,28 +37,57 @@ from torch import Tensor, nn
 from flows.actnorm import ActNorm
 from flows.coupling import AffineCoupling
 from flows.invconv import InvConv1x1
-from flows.strategies.base import FreezableStrategy, kept_fraction_of_first_half
+from flows.strategies.base import FreezableStrategy, StrategyConfig, kept_fraction_of_first_half
+
+
+@dataclass(kw_only=True)
+class LCMAConfig(StrategyConfig):
+    """LCMA's knobs (before per-strategy configs: ``lcma_warmup_steps``, ``lcma_factor_out``,
+    ``lcma_momentum``; those keys are still read).
+
+    warmup_steps: steps of static split while contributions accumulate, then the order is frozen.
+    factor_out: which contributions are factored out at each split, "low" or "high".
+    momentum: momentum of the running (exponential) average of contributions.
+    """
+
+    strategy: Literal["lcma"] = "lcma"
+    warmup_steps: int = 100
+    factor_out: Literal["low", "high"] = "low"
+    momentum: float = 0.99
+
+    NAMES: ClassVar[tuple[str, ...]] = ("lcma",)
+    LEGACY_KEYS: ClassVar[dict[str, str]] = {
+        "lcma_warmup_steps": "warmup_steps",
+        "lcma_factor_out": "factor_out",
+        "lcma_momentum": "momentum",
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.factor_out not in ("low", "high"):
+            raise ValueError(f"factor_out: unknown {self.factor_out!r}; choose one of ('low', 'high')")
+        if isinstance(self.warmup_steps, bool) or self.warmup_steps < 1:
+            raise ValueError(f"warmup_steps: must be >= 1, got {self.warmup_steps}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
+
+    def build(self, num_channels: int, height: int, width: int) -> LCMASplit:
+        return LCMASplit(num_channels, height, width, self)
 
 
 class LCMASplit(FreezableStrategy):
-    """x (B, C, H, W) -> x.gather(1, order) with order (C, H, W) a per-position channel permutation."""
+    """x (B, C, H, W) -> x.gather(1, order) with order (C, H, W) a per-position channel permutation.
+
+    Configured by ``cfg`` or, for tests and scripts, by ``LCMAConfig``'s knobs as keywords."""
 
     def __init__(
-        self,
-        num_channels: int,
-        height: int,
-        width: int,
-        *,
-        warmup_steps: int = 100,
-        factor_out: str = "low",
-        momentum: float = 0.99,
+        self, num_channels: int, height: int, width: int, cfg: LCMAConfig | None = None, **knobs: object
     ) -> None:
         super().__init__()
-        if factor_out not in ("low", "high"):
-            raise ValueError(f"split.lcma_factor_out: unknown {factor_out!r}; choose 'low' or 'high'")
-        self.warmup_steps = warmup_steps
-        self.factor_out = factor_out
-        self.momentum = momentum
+        cfg = cfg if cfg is not None else LCMAConfig(**knobs)
+        self.warmup_steps = cfg.warmup_steps
+        self.factor_out = cfg.factor_out
+        self.momentum = cfg.momentum
         shape = (num_channels, height, width)
         self.register_buffer("running_contribution", torch.zeros(shape))
         self.register_buffer("num_updates", torch.tensor(0, dtype=torch.long))

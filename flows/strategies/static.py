@@ -7,10 +7,25 @@ half static factors out).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
 import torch
 from torch import Tensor
 
-from flows.strategies.base import SplitStrategy
+from flows.strategies.base import SplitStrategy, StrategyConfig
+
+
+@dataclass(kw_only=True)
+class StaticConfig(StrategyConfig):
+    """``static`` (Glow) or ``static_swapped`` (the halves exchanged: a control); no knobs."""
+
+    strategy: Literal["static", "static_swapped"] = "static"
+
+    NAMES: ClassVar[tuple[str, ...]] = ("static", "static_swapped")
+
+    def build(self, num_channels: int, height: int, width: int) -> SplitStrategy:
+        return StaticSplit(swap_halves=self.strategy == "static_swapped")
 
 
 class StaticSplit(SplitStrategy):

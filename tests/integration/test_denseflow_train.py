@@ -34,7 +34,7 @@ def test_denseflow_trains_under_ray_with_each_split_strategy(
                 f"mlflow.registered_model=tiny-{name}",
                 f"run.name={name}",
                 f"model.split.strategy={strategy}",
-                "model.split.lcma_warmup_steps=1",
+                *(["model.split.warmup_steps=1"] if strategy == "lcma" else []),
                 "data.batches_per_epoch=2",
                 "run.epochs=1",
                 "run.iwbo_samples=2",

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from flows import FlowConfig, SplitConfig
+from flows.strategies import STRATEGY_CONFIGS, StrategyConfig
 from pipeline.config import TrainConfig, flow_config_from_dict, load_config
 from pipeline.config_loading import validate
 
@@ -47,26 +48,29 @@ def test_post_init_errors_name_the_dotted_field() -> None:
     # SplitConfig and FlowConfig check their own fields; the loader reports them under their path.
     with pytest.raises(ValueError, match=r"model\.split\.strategy: unknown 'magic'"):
         load_config(None, ["model.split.strategy=magic", "model.image_shape=[3, 8, 8]", "model.num_levels=2"])
-    with pytest.raises(ValueError, match=r"model\.split\.lcma_warmup_steps: must be >= 1"):
-        load_config(None, ["model.split.lcma_warmup_steps=0"])
+    with pytest.raises(ValueError, match=r"model\.split\.warmup_steps: must be >= 1"):
+        load_config(None, ["model.split.strategy=lcma", "model.split.lcma_warmup_steps=0"])
+    with pytest.raises(ValueError, match=r"model\.split\.se_reduction: must be >= 1"):
+        load_config(None, ["model.split.se_reduction=0"])
     with pytest.raises(ValueError, match=r"model\.n_bits: must be in 1\.\.8"):
         load_config(None, ["model.n_bits=9"])
 
 
 def test_every_split_field_is_configurable() -> None:
-    """Fields flows adds to SplitConfig are loaded (and checked) without any pipeline change."""
-    defaults = SplitConfig()
-    for field in dataclasses.fields(SplitConfig):
-        value = getattr(defaults, field.name)
-        cfg = load_config(None, {f"model.split.{field.name}": value})
-        assert getattr(cfg.model.split, field.name) == value
+    """Fields flows adds to a strategy's config are loaded (and checked) without any pipeline change."""
+    for strategy, cls in STRATEGY_CONFIGS.items():
+        defaults = cls(strategy=strategy)
+        for field in dataclasses.fields(cls):
+            value = getattr(defaults, field.name)
+            cfg = load_config(None, {"model.split.strategy": strategy, f"model.split.{field.name}": value})
+            assert type(cfg.model.split) is cls and getattr(cfg.model.split, field.name) == value
 
 
 def test_round_trip_through_dict() -> None:
     cfg = load_config(
         None, ["model.image_shape=[1, 16, 16]", "model.num_levels=2", "model.hidden_channels=32"]
     )
-    assert isinstance(cfg.model, FlowConfig) and isinstance(cfg.model.split, SplitConfig)
+    assert isinstance(cfg.model, FlowConfig) and isinstance(cfg.model.split, StrategyConfig)
     assert validate(TrainConfig, cfg.model_dump(mode="json")).model == cfg.model
 
 
@@ -74,7 +78,9 @@ def test_flow_config_from_a_plain_dict() -> None:
     cfg = FlowConfig(image_shape=(1, 16, 16), num_levels=2, split=SplitConfig(strategy="lcma"))
     assert flow_config_from_dict(dataclasses.asdict(cfg)) == cfg
     with pytest.raises(ValueError, match=r"flow_config\.json: model\.split\.ema_momentum: must be a finite"):
-        flow_config_from_dict({"split": {"ema_momentum": float("nan")}}, source="flow_config.json")
+        flow_config_from_dict(
+            {"split": {"strategy": "eiw", "ema_momentum": float("nan")}}, source="flow_config.json"
+        )
     # A model logged before sigma became loss.sigma: split.sigma is a training setting, dropped here.
     assert (
         flow_config_from_dict(dataclasses.asdict(cfg) | {"split": {"strategy": "lcma", "sigma": 0.1}}) == cfg

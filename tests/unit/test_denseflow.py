@@ -183,7 +183,8 @@ def test_nystrom_attention_shapes_and_landmark_check() -> None:
 
 @pytest.mark.parametrize("strategy", ["static", "eiw", "lcma"])
 def test_model_round_trip_latents_and_decode(strategy: str) -> None:
-    model = build_flow(tiny_dense(split=SplitConfig(strategy=strategy, lcma_warmup_steps=1))).double()
+    knobs = {"warmup_steps": 1} if strategy == "lcma" else {}
+    model = build_flow(tiny_dense(split=SplitConfig(strategy=strategy, **knobs))).double()
     initialize_actnorm(model, images(8, model.cfg.image_shape))
     model.advance(0)
     perturb_parameters(model, scale=0.05)

@@ -124,7 +124,7 @@ def test_override_into_a_scalar_is_rejected():
         ("loss.sigma=.inf", "loss.sigma"),
         ("model.split.ema_momentum=.nan", "model.split.ema_momentum"),
         ("model.split.hysteresis_margin=.inf", "model.split.hysteresis_margin"),
-        ("model.split.lcma_momentum=.nan", "model.split.lcma_momentum"),
+        ("model.split.target_temperature=.nan", "model.split.target_temperature"),
     ],
 )
 def test_nan_and_infinite_floats_are_refused_naming_the_key(override, key):
@@ -213,9 +213,9 @@ def test_yaml_dump_and_flat_params():
 
 
 def test_lcma_whose_warm_up_outlasts_the_run_warns() -> None:
-    with pytest.warns(UserWarning, match=r"lcma_warmup_steps \(1000\) is not below the run's 8 steps"):
+    with pytest.warns(UserWarning, match=r"warmup_steps \(1000\) is not below the run's 8 steps"):
         load_config(
-            CONFIGS / "tiny.yaml", ["model.split.strategy=lcma", "model.split.lcma_warmup_steps=1000"]
+            CONFIGS / "tiny.yaml", ["model.split.strategy=lcma", "model.split.warmup_steps=1000"]
         )
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -122,9 +122,9 @@ def test_config_is_plain_json_and_read_strictly(flow, tmp_path):
     assert data["image_shape"] == list(SHAPE) and data["split"]["strategy"] == "eiw"
 
     # A model written before a field existed loads with that field's default.
-    del data["split"]["lcma_momentum"]
+    del data["split"]["ema_momentum"]
     Path(files["config"]).write_text(json.dumps(data))
-    assert read_flow_files(files["weights"], files["config"]).cfg.split.lcma_momentum == 0.99
+    assert read_flow_files(files["weights"], files["config"]).cfg.split.ema_momentum == 0.99
 
     data["split"]["no_such_knob"] = 1
     Path(files["config"]).write_text(json.dumps(data))

@@ -410,6 +410,21 @@ def test_a_checkpoint_saved_with_model_split_sigma_resumes(data_ready):
     mlflow.end_run()
 
 
+def test_a_checkpoint_saved_with_the_old_flat_lcma_keys_resumes(data_ready):
+    """A checkpoint written before each strategy had its own config: its ``lcma_*`` split knobs are
+    read as LCMA's own names (no change reported), and a real change of one is still refused."""
+    cfg, run_dir = crashed_run(data_ready, "old-lcma", "model.split.strategy=lcma", fail_at=3)
+    directory = run_dir / checkpoint_name(2)
+    old = read_checkpoint(directory)["config"]
+    split = old["model"]["split"]
+    for name in ("warmup_steps", "factor_out", "momentum"):  # the layout before issue 22
+        split[f"lcma_{name}"] = split.pop(name)
+    assert check_resume_config(old, cfg, source=directory) == []
+    split["lcma_warmup_steps"] += 1
+    with pytest.raises(ValueError, match="model.split.warmup_steps"):
+        check_resume_config(old, cfg, source=directory)
+
+
 def test_every_model_key_is_either_fixed_or_free_on_resume():
     """A new FlowConfig field must be classified: architecture (FIXED_ON_RESUME) or not."""
     keys = [k for k in flatten(TrainConfig().model_dump(mode="json")) if k.startswith("model.")]

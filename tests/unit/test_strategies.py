@@ -11,14 +11,15 @@ from torch import Tensor, nn
 
 from flows import FlowConfig, Split, SplitConfig, build_flow, initialize_actnorm, training_loss
 from flows.strategies import EIWShuffleSplit, LCMASplit, StaticSplit
-from flows.strategies.eiw import CountGenerator
+from flows.strategies.eiw import CountGenerator, FreeLogits
 from tests.unit.bijection_harness import check_bijection, jacobian_log_det, perturb_parameters
 
 STRATEGIES = ["static", "static_swapped", "eiw", "lcma"]
 
 
 def tiny_model(strategy: str, **split) -> nn.Module:
-    split.setdefault("lcma_warmup_steps", 2)
+    if strategy == "lcma":
+        split.setdefault("warmup_steps", 2)
     cfg = FlowConfig(
         image_shape=(3, 8, 8), num_levels=2, num_steps=2, hidden_channels=8,
         split=SplitConfig(strategy=strategy, **split),
@@ -56,9 +57,11 @@ def set_channel_logits(strategy: EIWShuffleSplit, logits: list[float]) -> None:
     W1 = 1/C (every hidden unit is 1 after the ReLU) and W2 = logits / hidden."""
     generator = strategy.generator
     with torch.no_grad():
-        if isinstance(generator, CountGenerator):
+        if isinstance(generator, FreeLogits):
+            generator.logits.copy_(torch.tensor(logits, dtype=generator.logits.dtype))
+        elif isinstance(generator, CountGenerator):
             first, last = generator.fc[0], generator.fc[2]
-            first.weight.fill_(1.0 / generator.num_channels)
+            first.weight.fill_(1.0 / generator.input_value)
             last.weight.copy_(
                 torch.tensor(logits, dtype=last.weight.dtype).view(-1, 1).expand_as(last.weight)
                 / last.weight.shape[1]
@@ -118,6 +121,14 @@ EIW_OPTIONS = {
     "ema": dict(stabilizer="ema", ema_momentum=0.5),
     "hysteresis": dict(stabilizer="hysteresis", hysteresis_margin=0.5),
     "kl": dict(regularizer="kl"),
+    # The opt-in forms of issue 24 (docs/model.md, "Shuffle forms").
+    "normalized_input": dict(generator_input="normalized"),
+    "log_input": dict(generator_input="log"),
+    "free_logits": dict(generator_input="none"),
+    "temperature": dict(target_temperature=0.05),
+    "kl_temperature": dict(regularizer="kl", target_temperature=0.05),
+    "entropy_target": dict(target="entropy"),
+    "entropy_kl_hysteresis": dict(target="entropy", regularizer="kl", stabilizer="hysteresis"),
 }
 
 
@@ -231,7 +242,8 @@ def test_eiw_permutation_follows_parameters_until_frozen() -> None:
 
 @pytest.mark.parametrize("strategy", ["eiw", "lcma"])
 def test_frozen_permutations_survive_state_dict_save_and_load(strategy: str) -> None:
-    model = trained(strategy, steps=4, freeze_after_steps=2)
+    knobs = {"freeze_after_steps": 2} if strategy == "eiw" else {}  # LCMA freezes after warmup_steps=2
+    model = trained(strategy, steps=4, **knobs)
     assert all(bool(s.strategy.frozen) for s in model.splits)
     if strategy == "eiw":  # move w so the live sort differs from the frozen permutation
         set_channel_logits(model.splits[0].strategy, [float(j) for j in range(12)])
@@ -239,7 +251,7 @@ def test_frozen_permutations_survive_state_dict_save_and_load(strategy: str) -> 
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
-    reloaded = tiny_model(strategy, freeze_after_steps=2)
+    reloaded = tiny_model(strategy, **knobs)
     reloaded.load_state_dict(torch.load(buffer))
     after = [s.strategy.permutation() if strategy == "eiw" else s.strategy.order for s in reloaded.splits]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
@@ -262,7 +274,7 @@ def test_sampling_works_with_each_strategy(strategy: str) -> None:
 
 def test_lcma_contribution_is_the_documented_sum() -> None:
     """One training forward: contribution = mean log N(x) + per-dim log-dets, which sum to the level's."""
-    model = tiny_model("lcma", lcma_warmup_steps=5)
+    model = tiny_model("lcma", warmup_steps=5)
     initialize_actnorm(model, images(16))
     perturb_parameters(model, scale=0.1)
     model.advance(0)
@@ -298,7 +310,7 @@ def test_lcma_order_follows_contributions(factor_out: str) -> None:
 
 
 def test_lcma_measures_while_warming_up_and_stops_changing_once_frozen() -> None:
-    model = trained("lcma", steps=2, lcma_warmup_steps=2)
+    model = trained("lcma", steps=2, warmup_steps=2)
     strategy = model.splits[0].strategy
     assert strategy.num_updates.item() == 2 and not bool(strategy.frozen)
     x = torch.randn(2, 12, 4, 4, dtype=torch.float64)
@@ -338,14 +350,21 @@ def test_advance_binds_idempotently_and_rejects_bad_steps() -> None:
         ({"se_activation": "tanh"}, "se_activation"),
         ({"se_input": "shuffled"}, "se_input"),
         ({"stabilizer": "glue"}, "stabilizer"),
-        ({"ema_momentum": 1.0}, "ema_momentum"),
-        ({"hysteresis_margin": math.inf}, "hysteresis_margin"),
-        ({"freeze_after_steps": -3}, "freeze_after_steps"),
-        ({"se_reduction": 0}, "se_reduction"),
-        ({"generator_hidden": 0}, "generator_hidden"),
-        ({"lcma_warmup_steps": 0}, "lcma_warmup_steps"),
-        ({"lcma_factor_out": "middle"}, "lcma_factor_out"),
-        ({"lcma_momentum": 1.0}, "lcma_momentum"),
+        ({"strategy": "eiw", "ema_momentum": 1.0}, "ema_momentum"),
+        ({"strategy": "eiw", "hysteresis_margin": math.inf}, "hysteresis_margin"),
+        ({"strategy": "eiw", "freeze_after_steps": -3}, "freeze_after_steps"),
+        ({"strategy": "eiw", "se_reduction": 0}, "se_reduction"),
+        ({"strategy": "eiw", "generator_hidden": 0}, "generator_hidden"),
+        ({"strategy": "eiw", "generator_input": "width"}, "generator_input"),
+        ({"strategy": "eiw", "generator": "code", "generator_input": "log"}, "generator_input"),
+        ({"strategy": "eiw", "target": "variance"}, "target"),
+        ({"strategy": "eiw", "target_temperature": 0.0}, "target_temperature"),
+        ({"strategy": "lcma", "warmup_steps": 0}, "warmup_steps"),
+        ({"strategy": "lcma", "lcma_warmup_steps": 0}, "warmup_steps"),  # the old key, mapped
+        ({"strategy": "lcma", "factor_out": "middle"}, "factor_out"),
+        ({"strategy": "lcma", "momentum": 1.0}, "momentum"),
+        ({"strategy": "static", "se_reduction": 4}, "se_reduction"),  # a knob of another strategy
+        ({"strategy": "eiw", "lcma_warmup_steps": 5}, "lcma_warmup_steps"),
     ],
 )
 def test_split_config_validation_names_the_field(split: dict, match: str) -> None:

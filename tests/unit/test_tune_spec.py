@@ -222,3 +222,53 @@ def test_concurrency_is_bounded_by_gpus_or_cpus_per_trial():
         with_changes(search={"algorithm": "grid", "num_samples": 1, "max_concurrent_trials": "auto"})
     )
     assert concurrency(auto, one, {"CPU": 100}) == 4  # never more than the trials there are
+
+
+SHUFFLE_FORM_KEYS = ("model.split.generator_input", "model.split.target", "model.split.stabilizer")
+
+
+@pytest.mark.parametrize("name", ["sample", "imagenet64", "imagenet64_denseflow"])
+def test_shipped_searches_search_the_shuffle_forms(name, monkeypatch):
+    """A categorical over each knob of the opt-in forms (issue 24), the authors' value among them, and
+    every value valid on the search's base; the DenseFlow search also has its depth dimension."""
+    monkeypatch.chdir(ROOT)
+    spec = load_spec(TUNE_CONFIGS / f"{name}.yaml")
+    authors = {"model.split.generator_input": "count", "model.split.target": "attention"}
+    for key in SHUFFLE_FORM_KEYS:
+        assert spec.space[key].kind == "choice" and len(spec.space[key].values) >= 2
+        assert authors.get(key, "none") in spec.space[key].values
+    if name == "imagenet64_denseflow":
+        depth = spec.space["model.denseflow.depth_multiplier"]
+        assert depth.kind == "choice" and 1.0 in depth.values and len(depth.values) >= 3
+
+
+def test_a_tiny_search_samples_denseflow_depth_and_the_shuffle_form():
+    """Optuna (as the search runs it) samples the depth multiplier and the form; the trial configs
+    build DenseFlow models of different depths and EIW splits of different forms."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from flows import build_flow
+    from flows.denseflow.block import InvertibleDenseBlock
+
+    data = optuna_space(
+        **{
+            "model.denseflow.depth_multiplier": {"choice": [1.0, 2.0, 3.0]},
+            "model.split.generator_input": {"choice": ["count", "normalized"]},
+            "model.split.target": {"choice": ["attention", "entropy"]},
+        }
+    )
+    data["base_config"] = str(ROOT / "configs" / "tiny_denseflow.yaml")
+    spec = spec_from_dict(data)
+    space = OptunaSearch.convert_search_space(param_space(spec))
+    searcher = OptunaSearch(space=space, metric="test_bits_per_dim", mode="min", seed=0)
+    depths, forms = set(), set()
+    for i in range(8):
+        values = searcher.suggest(f"trial{i}")
+        cfg = trial_config(spec.base, values, f"trial{i}").model
+        model = build_flow(cfg)
+        blocks = [m for m in model.levels.modules() if isinstance(m, InvertibleDenseBlock)]
+        steps = sum(len(unit.layers) for block in blocks for unit in block.units)  # flow layers in all
+        depths.add(steps)
+        forms.add((cfg.split.generator_input, cfg.split.target))
+        assert steps == sum(u * cfg.denseflow.level_layers(i) for i, u in enumerate(cfg.denseflow.units))
+    assert len(depths) >= 2 and len(forms) >= 2
