@@ -7,6 +7,7 @@ from flows.config import DenseFlowConfig, DequantizerConfig, FlowConfig, SplitCo
 from flows.coupling import AdditiveCoupling, AffineCoupling
 from flows.invconv import InvConv1x1
 from flows.model import FlowModel, build_flow
+from flows.objective import training_loss
 from flows.split import LearnedTopPrior, Split
 from flows.squeeze import Squeeze
 
@@ -27,4 +28,5 @@ __all__ = [
     "Squeeze",
     "build_flow",
     "initialize_actnorm",
+    "training_loss",
 ]
