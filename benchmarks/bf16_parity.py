@@ -326,7 +326,8 @@ def run(name: str, cfg: FlowConfig, args: argparse.Namespace) -> None:
         islands = relative(results["islands"][1][group], ref)
         print(f"| {group} | {ref.numel()} | {naive:.1%} | {islands:.1%} | {kappa[group]:.1f} |")
     sources = [g for g in ref_grads if any(isinstance(m, BF16_OPS) for m in _modules_of(model, g))]
-    print("\nAttribution: bf16 only in one layer type's convolutions (islands on, every other conv in float32; the 1x1 conv row puts its pre-issue-20 bf16 conv back)\n")
+    print("\nAttribution: bf16 only in one layer type's convolutions (islands on, every other conv in "
+          "float32; the 1x1 conv row puts its pre-issue-20 bf16 conv back)\n")
     print("| bf16 only in | bits/dim vs float32 | grad error, all parameters | "
           + " | ".join(f"grad error, {g}" for g in ref_grads) + " |")
     print("|---|---|---|" + "---|" * len(ref_grads))
