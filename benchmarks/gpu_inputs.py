@@ -22,7 +22,15 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from flows import DenseFlowConfig, FlowConfig, SplitConfig, build_flow, initialize_actnorm, training_loss
+from flows import (
+    DenseFlowConfig,
+    DequantizerConfig,
+    FlowConfig,
+    SplitConfig,
+    build_flow,
+    initialize_actnorm,
+    training_loss,
+)
 
 RECIPE_STEPS_PER_LEVEL = 48  # configs/imagenet64.yaml model.num_steps
 DENSEFLOW_LAYERS = (5, 6, 20)  # configs/imagenet64_denseflow.yaml model.denseflow.layers (--layers_conf)
@@ -49,13 +57,17 @@ def imagenet64_denseflow_model(
 ) -> FlowConfig:
     """configs/imagenet64_denseflow.yaml's model section with ``denseflow.layers`` = ``layers``;
     ``tiny``: 2 levels of narrow nets, for ``--quick`` CPU smoke runs."""
-    dense = DenseFlowConfig(layers=tuple(layers))
-    levels = 3
-    if tiny:
+    if not tiny:
+        dense, dequantizer, levels = DenseFlowConfig(layers=tuple(layers)), DequantizerConfig(), 3
+    else:
         levels = 2
         dense = DenseFlowConfig(
             units=(2, 1), layers=tuple(layers[:2]), mid_channels=(8, 8), growth_rate=2, net_depth=1,
             net_growth=8,
+        )
+        dequantizer = DequantizerConfig(
+            num_steps=1, context_channels=4, mid_channels=8, depth=1, growth=4, context_depth=1,
+            context_growth=4,
         )
     return FlowConfig(
         base="denseflow",
@@ -65,6 +77,7 @@ def imagenet64_denseflow_model(
         learn_top_prior=True,
         dequantization="variational",
         denseflow=dense,
+        dequantizer=dequantizer,
         split=SplitConfig(strategy="eiw", sigma=1.0e-3),
         memory="standard",
     )
