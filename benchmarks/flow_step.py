@@ -23,6 +23,10 @@ EIW authors' DenseFlow (studying910/EIW-Flow, DIW-Flow/) at the same tiny config
         [--units 2 2 1 --layers 1 1 2 --mid 16 16 16 --growth 4] [--checkpoint] [--threads 2]
 
 Step-time ratios are per round (ours / theirs in the same round), reported as median [min, max].
+
+``ours-gaussian-compiled`` is the same model with ``torch.compile`` of the training objective
+(flows/objective.py ``training_loss`` of bits/dim and the regulariser; the backward is compiled by
+AOTAutograd): compiled once before the timed rounds (minutes on a 2-core CPU; ``--no-compile`` skips).
 """
 
 from __future__ import annotations
@@ -43,10 +47,12 @@ warnings.filterwarnings("ignore", message="torch.lu is deprecated")
 import denseflow_authors as dense  # noqa: E402
 from memory import run_child, saved_for_backward_mib, step_peak_mib  # noqa: E402
 
-from flows import FlowConfig, build_flow, initialize_actnorm  # noqa: E402
+from flows import FlowConfig, build_flow, initialize_actnorm, training_loss  # noqa: E402
+
+SIGMA = 1e-3  # the trainer's loss.sigma default (pipeline/config.py LossConfig)
 
 
-def build_ours(args: argparse.Namespace, split_prior: str):
+def build_ours(args: argparse.Namespace, split_prior: str, *, compiled: bool = False):
     cfg = FlowConfig(
         image_shape=(3, args.size, args.size),
         num_levels=args.levels,
@@ -58,8 +64,15 @@ def build_ours(args: argparse.Namespace, split_prior: str):
     initialize_actnorm(model, images(args).to(args.device))
 
     def loss_fn(x_uint8: torch.Tensor) -> torch.Tensor:
-        return model.bits_per_dim(x_uint8).mean()
+        return training_loss(model.bits_per_dim(x_uint8), model.regularization(), SIGMA)
 
+    if compiled:  # torch.compile of the training objective (forward + its backward via AOTAutograd)
+        compiled_fn = torch.compile(loss_fn)
+        start = time.perf_counter()
+        compiled_fn(images(args).to(args.device)).backward()  # compiles here, outside the timed rounds
+        model.zero_grad(set_to_none=True)
+        print(f"  ours-{split_prior}-compiled: compiled in {time.perf_counter() - start:.0f} s", flush=True)
+        return model, compiled_fn
     return model, loss_fn
 
 
@@ -105,7 +118,8 @@ def make(args: argparse.Namespace, name: str):
         return dense.make(args, name)
     if name == "normflows":
         return build_normflows(args)
-    return build_ours(args, split_prior=name.removeprefix("ours-"))
+    prior = name.removeprefix("ours-").removesuffix("-compiled")
+    return build_ours(args, split_prior=prior, compiled=name.endswith("-compiled"))
 
 
 def step_fn(model, loss_fn, x):
@@ -170,7 +184,9 @@ def peak_memory(args: argparse.Namespace, name: str) -> dict[str, float]:
     argv = ["--child", name, "--device", args.device]
     if args.denseflow:
         return run_child(__file__, argv + dense.child_argv(args))
-    for key in ("levels", "steps", "hidden", "batch", "size"):
+    for key in ("levels", "steps", "hidden", "batch", "size", "threads"):
+        if getattr(args, key) is None:
+            continue
         argv += [f"--{key}", str(getattr(args, key))]
     return run_child(__file__, argv)
 
@@ -186,6 +202,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every model")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip the torch.compile row (minutes to compile on a CPU)"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     dense.add_arguments(parser)
     args = parser.parse_args()
@@ -199,6 +218,8 @@ def main() -> None:
         return
 
     names = ["normflows", "ours-gaussian", "ours-standard"]
+    if not args.no_compile:
+        names.append("ours-gaussian-compiled")
     print(
         f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
         f"L={args.levels} K={args.steps} hidden={args.hidden} batch={args.batch} "
@@ -210,13 +231,16 @@ def main() -> None:
     peak_name = "peak alloc MiB" if args.device == "cuda" else "peak RSS+ MiB"
     unit = "step ms (wall)" if args.device == "cuda" else "step CPU ms"
     print(
-        f"| model | {unit} | x normflows | {peak_name} | x normflows | saved for backward MiB | x normflows |"
+        f"| model | {unit} | x normflows | x ours eager | {peak_name} | x normflows | saved for backward MiB "
+        "| x normflows |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for n in names:
         m = memory[n]
+        eager = n.removesuffix("-compiled")
+        vs_eager = f"{times[n] / times[eager]:.2f}" if eager in times and eager.startswith("ours") else "-"
         print(
-            f"| {n} | {times[n] * 1e3:.1f} | {times[n] / ref_t:.2f} | {m['peak_mib']:.1f} | "
+            f"| {n} | {times[n] * 1e3:.1f} | {times[n] / ref_t:.2f} | {vs_eager} | {m['peak_mib']:.1f} | "
             f"{m['peak_mib'] / ref_m['peak_mib']:.2f} | {m['saved_mib']:.1f} | "
             f"{m['saved_mib'] / ref_m['saved_mib']:.2f} |"
         )

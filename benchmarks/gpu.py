@@ -1,35 +1,41 @@
-"""One GPU, torch alone: speed, memory and bits/dim of the ImageNet-64 flow in fp32, tf32 and bf16.
+"""One GPU, torch alone: what a cluster user needs before booking nodes, for both recipe models.
 
-    python benchmarks/gpu.py                          # CUDA device 0, the defaults below
-    python benchmarks/gpu.py --device cpu --quick     # smoke run of every code path, tiny sizes
+    python benchmarks/gpu.py                          # CUDA device 0: about 6 minutes on one H200
+    python benchmarks/gpu.py --shards /shared/data/imagenet64   # feed the steps real images
+    python benchmarks/gpu.py --device cpu --quick     # every code path at tiny sizes (no GPU numbers)
 
-The model is configs/imagenet64.yaml's (4 levels, 512 hidden channels, affine coupling, learned top
-prior, EIW split with sigma 1e-3) at reduced depth (``--steps-per-level``, default 8 of the recipe's
-48). One training step is what pipeline/step.py does: ``model.advance(step)``, bits/dim under the
-precision's autocast, loss = ``flows.training_loss`` (mean bits/dim + sigma *
-``model.regularization()``, in float32), backward, gradient clipping at 50, an Adamax step. Three precisions:
+Models: configs/imagenet64.yaml's Glow (4 levels, 512 hidden channels, EIW split) and
+configs/imagenet64_denseflow.yaml's DenseFlow (DF_74_10, variational dequantization, EIW split), each
+at reduced depth (Glow: ``--steps-per-level`` 8 of 48; DenseFlow: layers 1 1 4 of 5 6 20) for the
+precision and compile comparison, and at full depth for speed, the largest batch and FLOPs.
+
+One training step is what pipeline/step.py does: ``model.advance(step)``, under the precision's
+autocast the objective (flows/objective.py ``training_loss``: mean bits/dim + sigma * regulariser,
+in float32), backward, gradient clipping, an Adamax step. ``compiled`` rows wrap the objective in
+``torch.compile`` (``--compile-backend``, default inductor; the compile time is a column). Precisions:
 
 - ``fp32``: float32 with TF32 off for convolutions and matmuls (IEEE float32, the reference).
 - ``tf32``: float32 with TF32 on for both.
 - ``bf16``: bf16 autocast with torch's default float32 settings: what ``run.precision: auto`` trains
-  with on a GPU (the pipeline sets no TF32 flag; torch's default runs cuDNN convolutions in TF32).
+  with on a GPU (the model keeps its numerically sensitive parts in float32, docs/model.md).
 
-Three measurements, printed as one markdown table:
+Measurements, written as a markdown table (``--out``.md) and JSON (``--out``.json):
 
-1. images/s and peak memory (``torch.cuda.max_memory_allocated`` over the timed steps: weights,
-   optimizer state and activations) of ``--batch`` images per step, each precision on a fresh model.
-2. bits/dim of one fixed batch (``--eval-batch`` images, dequantization noise from
-   ``torch.Generator().manual_seed(0)``) from one model, first trained ``--train-steps`` steps in
-   fp32 so the zero-initialised couplings are no longer the identity; the difference to fp32 is the
-   error a precision adds to the likelihood (goal for bf16: within 1e-3 bits/dim).
-3. the largest batch one training step fits (``--fit-steps-per-level``, default the recipe's full
-   depth 48): doubling from ``--batch`` until ``torch.cuda.OutOfMemoryError``, then a binary search,
-   with memory freed between tries; capped at ``--max-batch``.
+1. images/s, ms per step and peak memory (``torch.cuda.max_memory_allocated``) at ``--batch`` images
+   per step, each configuration on a fresh model; achieved TFLOP/s from the counted FLOPs.
+2. bits/dim of one fixed batch after ``--train-steps`` fp32 steps, per precision: the difference to
+   fp32 is the error a precision adds to the likelihood (goal for bf16: within 1e-3 bits/dim).
+3. the largest per-GPU batch of a full-depth training step: doubling from ``--batch`` until
+   ``torch.cuda.OutOfMemoryError``, then a binary search, capped at ``--max-batch``.
+4. FLOPs per image of a full-depth step (forward + backward, FlopCounterMode) and the parameter
+   count: the inputs of the scaling estimate in docs/operations.md.
 
-Images: smooth synthetic photographs-like images (low-frequency patterns plus pixel noise, fixed
-seed), or ``--images FILE``: a uint8 tensor (N, 3, 64, 64) saved with ``torch.save`` (loaded with
-``weights_only=True``), e.g. ImageNet-64 validation images. Needs only torch and flows/ (pure torch):
-no Ray, MLflow or webdataset.
+Images: ``--shards DIR`` reads the pipeline's shards (train split) with the standard library
+(benchmarks/gpu_inputs.py: tarfile and a pure-Python PNG decoder), decodes a pool once and feeds every
+timed step from it by pinned-memory, non-blocking host-to-device copies, as the trainer's loader does;
+the decoder's images/s per process is reported. Without shards (webdataset and PIL are not needed and
+usually not installed on a bare GPU node): smooth synthetic photograph-like uint8 images, noted in the
+output. Needs only torch and flows/.
 """
 
 from __future__ import annotations
@@ -37,41 +43,41 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import math
 import platform
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flows import FlowConfig, FlowModel, SplitConfig, build_flow, initialize_actnorm, training_loss  # noqa: E402
+from gpu_inputs import (  # noqa: E402
+    DENSEFLOW_LAYERS,
+    DENSEFLOW_REDUCED_LAYERS,
+    RECIPE_STEPS_PER_LEVEL,
+    SIGMA,
+    Feed,
+    count_flops,
+    imagenet64_denseflow_model,
+    imagenet64_model,
+    shard_images,
+    synthetic_images,
+)
+from gpu_report import Row, markdown  # noqa: E402
 
-SIGMA = 1e-3  # the trainer's loss.sigma default (pipeline/config.py LossConfig)
+from flows import FlowConfig, FlowModel, build_flow, initialize_actnorm, training_loss  # noqa: E402
 
 PRECISIONS = ("fp32", "tf32", "bf16")
-RECIPE_STEPS_PER_LEVEL = 48
+MODELS = ("glow", "denseflow")
 GRAD_CLIP_NORM = 50.0  # configs/imagenet64.yaml optim.grad_clip_norm
 LR = 1e-3  # configs/imagenet64.yaml optim.lr (Adamax)
-
-
-def imagenet64_model(
-    steps_per_level: int, *, image_size: int = 64, hidden: int = 512, levels: int = 4
-) -> FlowConfig:
-    """configs/imagenet64.yaml's model section with ``num_steps`` = ``steps_per_level``."""
-    return FlowConfig(
-        image_shape=(3, image_size, image_size),
-        num_levels=levels,
-        num_steps=steps_per_level,
-        hidden_channels=hidden,
-        coupling="affine",
-        learn_top_prior=True,
-        split=SplitConfig(strategy="eiw"),
-    )
+__all__ = ["RECIPE_STEPS_PER_LEVEL", "imagenet64_model"]
 
 
 # ------------------------------------------------------------------------------ precision
@@ -113,54 +119,32 @@ def precision(name: str, device: torch.device) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------ data and steps
-def synthetic_images(num: int, size: int, seed: int) -> torch.Tensor:
-    """uint8 (num, 3, size, size): a smooth colour gradient plus a few low-frequency sinusoids per
-    channel, plus pixel noise of std 3 levels; closer to photographs' bits/dim than uniform noise."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.linspace(0, 1, size)
-    yy, xx = torch.meshgrid(t, t, indexing="ij")
-    base = torch.rand(num, 3, 1, 1, generator=g) * 160 + 40
-    tilt = (torch.rand(num, 3, 2, 1, 1, generator=g) - 0.5) * 120
-    img = base + tilt[:, :, 0] * yy + tilt[:, :, 1] * xx
-    for _ in range(4):
-        freq = torch.rand(num, 1, 2, 1, 1, generator=g) * 6 * math.pi
-        phase = torch.rand(num, 1, 1, 1, generator=g) * 2 * math.pi
-        amp = (torch.rand(num, 3, 1, 1, generator=g) - 0.5) * 60
-        img = img + amp * torch.sin(freq[:, :, 0] * yy + freq[:, :, 1] * xx + phase)
-    img = img + torch.randn(img.shape, generator=g) * 3
-    return img.round().clamp(0, 255).to(torch.uint8)
-
-
-def load_images(path: str | None, num: int, size: int, seed: int) -> torch.Tensor:
-    if path is None:
-        return synthetic_images(num, size, seed)
-    images = torch.load(path, map_location="cpu", weights_only=True)
-    if (
-        not isinstance(images, torch.Tensor)
-        or images.dtype != torch.uint8
-        or images.shape[1:] != (3, size, size)
-    ):
-        raise ValueError(f"{path}: expected a uint8 tensor (N, 3, {size}, {size})")
-    if len(images) < num:
-        raise ValueError(f"{path}: {len(images)} images, need at least {num}")
-    return images[:num].clone()
-
-
 @dataclass
 class Trainer:
-    """A model, its Adamax optimizer and a step counter; ``step`` is pipeline/step.py's train step."""
+    """A model, its Adamax optimizer, its (possibly compiled) objective and a step counter; ``step``
+    is pipeline/step.py's train step."""
 
     model: FlowModel
     optimizer: torch.optim.Optimizer
+    objective: Callable[[torch.Tensor], torch.Tensor]
     steps: int = 0
     nonfinite: int = 0
 
     @classmethod
-    def fresh(cls, cfg: FlowConfig, device: torch.device, init_batch: torch.Tensor) -> Trainer:
+    def fresh(
+        cls, cfg: FlowConfig, device: torch.device, init_batch: torch.Tensor, *,
+        compile_backend: str | None = None,
+    ) -> Trainer:
         torch.manual_seed(0)
         model = build_flow(cfg).to(device)
         initialize_actnorm(model, init_batch.to(device))
-        return cls(model, torch.optim.Adamax(model.parameters(), lr=LR))
+
+        def objective(batch: torch.Tensor) -> torch.Tensor:
+            return training_loss(model.bits_per_dim(batch), model.regularization(), SIGMA)
+
+        if compile_backend:
+            objective = torch.compile(objective, backend=compile_backend)
+        return cls(model, torch.optim.Adamax(model.parameters(), lr=LR), objective)
 
     def step(self, batch: torch.Tensor, mode: str, warmup: int = 0) -> float:
         for group in self.optimizer.param_groups:  # linear warm-up, as the recipe (5,000 steps there)
@@ -168,9 +152,7 @@ class Trainer:
         self.model.advance(self.steps)
         self.optimizer.zero_grad(set_to_none=True)
         with precision(mode, batch.device):
-            bpd = self.model.bits_per_dim(batch)
-            reg = self.model.regularization()
-        loss = training_loss(bpd, reg, SIGMA)
+            loss = self.objective(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM)
         value = loss.item()  # synchronises the device
@@ -194,48 +176,44 @@ def sync(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------ measurements
-@dataclass
-class Row:
-    mode: str
-    images_per_s: float = math.nan
-    step_ms: float = math.nan
-    peak_gib: float = math.nan
-    nonfinite: int = 0
-    bpd: float = math.nan
-    bpd_delta: float = math.nan
-    bpd_max_abs: float = math.nan
-    largest_batch: str = "-"
-
-
 def time_training(
-    cfg: FlowConfig, mode: str, images: torch.Tensor, device: torch.device, *, warmup: int, steps: int
-) -> tuple[float, float, float, int]:
-    """(images/s, ms per step, peak GiB, non-finite steps) over ``steps`` steps after ``warmup``."""
-    batch = images.to(device)
-    trainer = Trainer.fresh(cfg, device, batch)
-    for _ in range(warmup):
-        trainer.step(batch, mode)
+    cfg: FlowConfig, row: Row, pool: torch.Tensor, device: torch.device, args: argparse.Namespace
+) -> None:
+    """Fills ``row``'s speed columns over ``args.timed_steps`` steps after ``args.warmup`` (and, if
+    compiled, the first step's extra time as the compile time)."""
+    feed = Feed(pool, args.batch, device)
+    backend = args.compile_backend if row.compiled else None
+    trainer = Trainer.fresh(cfg, device, feed.next(), compile_backend=backend)
+    start = time.perf_counter()
+    trainer.step(feed.next(), row.mode)  # compiles here when compiled
+    first = time.perf_counter() - start
+    for _ in range(max(0, args.warmup - 1)):
+        trainer.step(feed.next(), row.mode)
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    for _ in range(steps):
-        trainer.step(batch, mode)
+    for _ in range(args.timed_steps):
+        trainer.step(feed.next(), row.mode)
     sync(device)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
-    nonfinite = trainer.nonfinite
-    del trainer, batch
+    row.images_per_s = args.batch * args.timed_steps / seconds
+    row.step_ms = seconds / args.timed_steps * 1e3
+    row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+    row.nonfinite = trainer.nonfinite
+    if row.compiled:
+        row.compile_s = first - row.step_ms / 1e3
+    del trainer, feed
     free(device)
-    return len(images) * steps / seconds, seconds / steps * 1e3, peak, nonfinite
 
 
 @torch.no_grad()
 def fixed_batch_bpd(model: FlowModel, images: torch.Tensor, mode: str) -> torch.Tensor:
-    """(B,) float64 bits/dim of ``images`` in ``mode``; the same dequantization noise every call."""
+    """(B,) float64 bits/dim of ``images`` in ``mode``; the same noise every call (eval mode)."""
     model.eval()
     try:
         with precision(mode, images.device):
+            torch.manual_seed(0)  # variational dequantization and DenseFlow's cross-unit noise
             bpd = model.bits_per_dim(images, generator=torch.Generator().manual_seed(0))
         return bpd.double().cpu()
     finally:
@@ -304,41 +282,108 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes to check the code paths: " + str(QUICK)
     )
-    parser.add_argument(
-        "--modes", default=",".join(PRECISIONS), help="comma-separated subset of fp32,tf32,bf16"
-    )
+    parser.add_argument("--models", default=",".join(MODELS), help="subset of glow,denseflow")
+    parser.add_argument("--modes", default=",".join(PRECISIONS), help="subset of fp32,tf32,bf16")
+    parser.add_argument("--compile-modes", default="bf16", help="precisions also timed compiled ('' = none)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--levels", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=512, help="coupling width (the recipe's: 512)")
-    parser.add_argument("--steps-per-level", type=int, default=8, help="depth for speed and bits/dim")
-    parser.add_argument("--batch", type=int, default=32, help="images per step (the recipe's per GPU: 32)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
-    parser.add_argument("--timed-steps", type=int, default=20)
-    parser.add_argument("--train-steps", type=int, default=200, help="fp32 steps before the bits/dim check")
-    parser.add_argument("--eval-batch", type=int, default=64, help="images in the fixed bits/dim batch")
+    parser.add_argument("--levels", type=int, default=4, help="Glow levels (the recipe's: 4)")
+    parser.add_argument("--hidden", type=int, default=512, help="Glow coupling width (the recipe's: 512)")
+    parser.add_argument("--steps-per-level", type=int, default=8, help="reduced Glow depth")
+    parser.add_argument("--batch", type=int, default=32, help="images per step and GPU")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    parser.add_argument("--timed-steps", type=int, default=15)
+    parser.add_argument("--train-steps", type=int, default=100, help="fp32 steps before the bits/dim check")
+    parser.add_argument("--eval-batch", type=int, default=32, help="images in the fixed bits/dim batch")
+    parser.add_argument("--shards", help="the pipeline's data.root (tar shards of PNGs); default synthetic")
     parser.add_argument(
-        "--images", help="uint8 tensor (N, 3, H, W) saved with torch.save (default: synthetic)"
+        "--fit-steps-per-level", type=int, default=RECIPE_STEPS_PER_LEVEL,
+        help="full Glow depth for speed, largest batch and FLOPs (0 skips the full-depth rows)",
     )
-    parser.add_argument(
-        "--fit-steps-per-level",
-        type=int,
-        default=RECIPE_STEPS_PER_LEVEL,
-        help="depth for the largest-batch search (0 skips it)",
-    )
-    parser.add_argument("--fit-modes", default="bf16", help="precisions for the largest-batch search")
-    parser.add_argument("--max-batch", type=int, default=2048, help="cap of the largest-batch search")
+    parser.add_argument("--fit-modes", default="bf16", help="precisions of the full-depth rows")
+    parser.add_argument("--max-batch", type=int, default=1024, help="cap of the largest-batch search")
+    parser.add_argument("--out", default="gpu_benchmark", help="writes OUT.md and OUT.json")
     args = parser.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
+    args.models = [m for m in args.models.split(",") if m]
     args.modes = [m for m in args.modes.split(",") if m]
     args.fit_modes = [m for m in args.fit_modes.split(",") if m]
-    for mode in args.modes + args.fit_modes:
+    args.compile_modes = [m for m in args.compile_modes.split(",") if m]
+    for mode in args.modes + args.fit_modes + args.compile_modes:
         if mode not in PRECISIONS:
             parser.error(f"unknown precision {mode!r}; choose from {PRECISIONS}")
+    for model in args.models:
+        if model not in MODELS:
+            parser.error(f"unknown model {model!r}; choose from {MODELS}")
     if "fp32" not in args.modes:
         args.modes.insert(0, "fp32")  # the bits/dim reference
     return args
+
+
+def model_configs(name: str, args: argparse.Namespace) -> tuple[FlowConfig, FlowConfig]:
+    """(reduced-depth, full-depth) config of recipe model ``name``."""
+    size = args.image_size
+    if name == "glow":
+        shape = {"image_size": size, "hidden": args.hidden, "levels": args.levels}
+        full_steps = args.fit_steps_per_level or 1
+        return imagenet64_model(args.steps_per_level, **shape), imagenet64_model(full_steps, **shape)
+    tiny = args.quick
+    reduced = (1, 1) if tiny else DENSEFLOW_REDUCED_LAYERS
+    full = (1, 1) if tiny else DENSEFLOW_LAYERS
+    return (
+        imagenet64_denseflow_model(reduced, image_size=size, tiny=tiny),
+        imagenet64_denseflow_model(full, image_size=size, tiny=tiny),
+    )
+
+
+def benchmark_model(
+    name: str, args: argparse.Namespace, device: torch.device, pool: torch.Tensor, eval_images: torch.Tensor
+) -> tuple[list[Row], dict]:
+    reduced, full = model_configs(name, args)
+    flops_reduced, _ = count_flops(reduced, device)
+    rows = [Row(name, "reduced", mode) for mode in args.modes]
+    rows += [Row(name, "reduced", mode, compiled=True) for mode in args.compile_modes]
+    for row in rows:
+        time_training(reduced, row, pool, device, args)
+        row.tflops = flops_reduced * row.images_per_s / 1e12
+        print(f"  {name} reduced {row.mode}{' compiled' if row.compiled else ''}: "
+              f"{row.images_per_s:.1f} images/s", flush=True)
+
+    trainer = Trainer.fresh(reduced, device, pool[: args.batch].to(device))
+    feed = Feed(pool, args.batch, device)
+    for _ in range(args.train_steps):
+        trainer.step(feed.next(), "fp32", warmup=max(1, args.train_steps // 2))
+    eval_batch = eval_images.to(device)
+    reference = fixed_batch_bpd(trainer.model, eval_batch, "fp32")
+    for row in rows:
+        if row.compiled:
+            continue
+        bpd = reference if row.mode == "fp32" else fixed_batch_bpd(trainer.model, eval_batch, row.mode)
+        row.bpd = bpd.mean().item()
+        row.bpd_delta = (bpd - reference).mean().item()
+        row.bpd_max_abs = (bpd - reference).abs().max().item()
+    del trainer, eval_batch, feed
+    free(device)
+
+    info = {"model": name, "reduced_flops_per_image": flops_reduced}
+    if args.fit_steps_per_level > 0:
+        flops, params = count_flops(full, device)
+        info.update(full_flops_per_image=flops, parameters=params, gradient_bytes=4 * params)
+        print(f"  {name} full: {flops / 1e9:.1f} GFLOP/image per step, {params / 1e6:.1f}M parameters")
+        for mode in args.fit_modes:
+            row = Row(name, "full", mode)
+            time_training(full, row, pool, device, args)
+            row.tflops = flops * row.images_per_s / 1e12
+            row.largest_batch = largest_batch(
+                full, mode, device, start=args.batch, cap=args.max_batch, seed=3
+            )
+            free(device)
+            rows.append(row)
+            print(f"  {name} full {mode}: {row.images_per_s:.1f} images/s, largest batch {row.largest_batch}",
+                  flush=True)
+    return rows, info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,90 +391,49 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            print("no CUDA device: run with --device cpu --quick for a smoke run", file=sys.stderr)
+            print("error: no CUDA device: run with --device cpu --quick for a smoke run", file=sys.stderr)
             return 2
         torch.cuda.set_device(device)
         what = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
     else:
         what = f"CPU ({platform.machine()}), {torch.get_num_threads()} threads: a smoke run, not GPU numbers"
-    cfg = imagenet64_model(
-        args.steps_per_level, image_size=args.image_size, hidden=args.hidden, levels=args.levels
-    )
     size = args.image_size
-    train_images = load_images(None, args.batch, size, seed=1)
-    eval_images = load_images(args.images, args.eval_batch, size, seed=2)
+    pool_size = max(args.batch * 4, args.eval_batch)
+    if args.shards:
+        try:
+            pool, decode_rate = shard_images(args.shards, pool_size, size)
+        except (OSError, ValueError) as exc:
+            print(f"error: --shards {args.shards}: {exc}", file=sys.stderr)
+            return 2
+        source = (f"{len(pool)} images from the shards in {args.shards} (stdlib PNG decoder: "
+                  f"{decode_rate:.0f} images/s per process)")
+        eval_images = pool[-args.eval_batch :]
+    else:
+        pool = synthetic_images(pool_size, size, seed=1)
+        eval_images = synthetic_images(args.eval_batch, size, seed=2)
+        source = "synthetic uint8 images (no --shards given: the step is fed from host memory)"
     print(f"device: {what}; torch {torch.__version__}")
-    print(
-        f"model: {cfg.num_levels} levels x {cfg.num_steps} steps, hidden {cfg.hidden_channels}, "
-        f"{size}x{size}, eiw split; batch {args.batch}, {args.timed_steps} timed steps after {args.warmup}"
-    )
-
-    rows = {mode: Row(mode) for mode in args.modes}
-    for mode in args.modes:
-        row = rows[mode]
-        row.images_per_s, row.step_ms, row.peak_gib, row.nonfinite = time_training(
-            cfg, mode, train_images, device, warmup=args.warmup, steps=args.timed_steps
-        )
-        print(f"  timed {mode}: {row.images_per_s:.1f} images/s", flush=True)
-
-    trainer = Trainer.fresh(cfg, device, train_images.to(device))
-    for _ in range(args.train_steps):
-        trainer.step(train_images.to(device), "fp32", warmup=max(1, args.train_steps // 2))
-    eval_batch = eval_images.to(device)
-    reference = fixed_batch_bpd(trainer.model, eval_batch, "fp32")
-    for mode in args.modes:
-        bpd = reference if mode == "fp32" else fixed_batch_bpd(trainer.model, eval_batch, mode)
-        rows[mode].bpd = bpd.mean().item()
-        rows[mode].bpd_delta = (bpd - reference).mean().item()
-        rows[mode].bpd_max_abs = (bpd - reference).abs().max().item()
-    source = f"images from {args.images}" if args.images else "synthetic images"
-    print(
-        f"  bits/dim: trained {args.train_steps} fp32 steps ({trainer.nonfinite} non-finite), "
-        f"{len(eval_batch)} {source}",
-        flush=True,
-    )
-    del trainer, eval_batch
-    free(device)
-
-    if args.fit_steps_per_level > 0:
-        fit_cfg = imagenet64_model(
-            args.fit_steps_per_level, image_size=args.image_size, hidden=args.hidden, levels=args.levels
-        )
-        for mode in args.fit_modes:
-            rows.setdefault(mode, Row(mode)).largest_batch = largest_batch(
-                fit_cfg, mode, device, start=args.batch, cap=args.max_batch, seed=3
-            )
-            free(device)  # the search's model and optimizer went with its frame
-            print(f"  largest batch {mode}: {rows[mode].largest_batch}", flush=True)
-
-    fit = f"largest batch, {args.fit_steps_per_level} steps/level" if args.fit_steps_per_level else "-"
-    print(
-        "\n| precision | images/s | step ms | peak GiB | non-finite steps | bits/dim | vs fp32 (mean) "
-        f"| max abs per image | within 1e-3 | {fit} |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for row in rows.values():
-        within = "-"
-        if row.mode != "fp32" and not math.isnan(row.bpd_delta):
-            within = "yes" if abs(row.bpd_delta) <= 1e-3 else "no"
-        cells = [
-            row.mode,
-            _number(row.images_per_s, ".1f"),
-            _number(row.step_ms, ".1f"),
-            _number(row.peak_gib, ".2f"),
-            str(row.nonfinite),
-            _number(row.bpd, ".5f"),
-            _number(row.bpd_delta, "+.2e"),
-            _number(row.bpd_max_abs, ".2e"),
-            within,
-            row.largest_batch,
-        ]
-        print("| " + " | ".join(cells) + " |")
+    print(f"images: {source}; batch {args.batch}, {args.timed_steps} timed steps after {args.warmup}")
+    start = time.perf_counter()
+    rows: list[Row] = []
+    infos = []
+    for name in args.models:
+        model_rows, info = benchmark_model(name, args, device, pool, eval_images)
+        rows += model_rows
+        infos.append(info)
+    table = markdown(rows)
+    print("\n" + table)
+    out = Path(args.out)
+    header = f"device: {what}; torch {torch.__version__}\n\nimages: {source}\n\n"
+    out.with_suffix(".md").write_text(header + table + "\n")
+    report = {
+        "device": what, "torch": torch.__version__, "images": source, "seconds": time.perf_counter() - start,
+        "args": {k: v for k, v in vars(args).items()}, "models": infos, "rows": [asdict(r) for r in rows],
+    }
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')} "
+          f"({time.perf_counter() - start:.0f} s)")
     return 0
-
-
-def _number(value: float, spec: str) -> str:
-    return "-" if math.isnan(value) else format(value, spec)
 
 
 if __name__ == "__main__":

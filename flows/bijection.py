@@ -43,13 +43,26 @@ class Compose(Bijection):
         return y
 
 
+def full_precision(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is a 16-bit float (a bf16/fp16 activation under autocast), else unchanged
+    (float32 and the tests' float64 stay as they are).
+
+    The float32 islands of autocast (docs/model.md, "bf16 autocast"): log-determinants, priors and
+    coupling scales are sums of thousands of terms and differences of large numbers; bf16 keeps 8
+    mantissa bits (a 0.4% rounding per value), so they are formed from float32 copies. Elementwise ops
+    on float32 tensors stay float32 under autocast; only the listed ops (convs, matmuls) drop to bf16.
+    """
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def sum_per_sample(t: Tensor) -> Tensor:
     """Sum over every axis but the batch axis: (B, ...) -> (B,)."""
     return t.reshape(t.shape[0], -1).sum(dim=1)
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
-    """log N(z; 0, I) summed per sample: (B, ...) -> (B,)."""
+    """log N(z; 0, I) summed per sample: (B, ...) -> (B,), in at least float32 (``full_precision``)."""
+    z = full_precision(z)
     return -0.5 * sum_per_sample(z * z) - 0.5 * z[0].numel() * torch.log(
         torch.tensor(2.0 * torch.pi, dtype=z.dtype, device=z.device)
     )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flows.bijection import Bijection, sum_per_sample
+from flows.bijection import Bijection, full_precision, sum_per_sample
 from flows.denseflow.dense_net import DenseNet
 
 
@@ -46,7 +46,7 @@ class ConditionalAffineCoupling(Bijection):
                 f"context {tuple(context.shape)} must match the input's batch and spatial size "
                 f"{(x1.shape[0], *x1.shape[2:])}"
             )
-        h = self.net(torch.cat([x1, context.to(x1.dtype)], dim=1))
+        h = full_precision(self.net(torch.cat([x1, context.to(x1.dtype)], dim=1)))  # float32 under autocast
         # 'sequential' parameter layout: channel 2k is the scale of x2's channel k, 2k + 1 its shift.
         log_scale = 2.0 * torch.tanh(h[:, 0::2] / 2.0)
         return log_scale, h[:, 1::2]
@@ -54,7 +54,7 @@ class ConditionalAffineCoupling(Bijection):
     def forward(self, x: Tensor, *, context: Tensor) -> tuple[Tensor, Tensor]:
         x1, x2 = x[:, : self.half], x[:, self.half :]
         log_scale, shift = self._scale_shift(x1, context)
-        y2 = shift + torch.exp(log_scale) * x2
+        y2 = shift + torch.exp(log_scale) * full_precision(x2)
         return torch.cat([x1, y2], dim=1), sum_per_sample(log_scale)
 
     def inverse(self, y: Tensor, *, context: Tensor) -> Tensor:

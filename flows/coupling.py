@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.bijection import Bijection, sum_per_sample
+from flows.bijection import Bijection, full_precision, sum_per_sample
 
 
 class ZeroConv2d(nn.Module):
@@ -76,13 +76,14 @@ class AffineCoupling(Bijection):
         self.net = CouplingNet(self.num_a, 2 * num_b, hidden_channels)
 
     def _shift_and_scale(self, x_a: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.net(x_a)
+        h = full_precision(self.net(x_a))  # scales and log-det in float32 under autocast
         # Interleaved channels, as in Glow's h[:, 0::2] / h[:, 1::2].
         return h[:, 0::2], torch.sigmoid(h[:, 1::2] + 2.0)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x_a, x_b = x[:, : self.num_a], x[:, self.num_a :]
         shift, scale = self._shift_and_scale(x_a)
+        x_b = full_precision(x_b)
         # x_b * scale + shift * scale rather than (x_b + shift) * scale: autograd then keeps only
         # `scale` alive (x_b and shift are views of live tensors), one activation fewer per step.
         y_b = x_b * scale + shift * scale
@@ -110,7 +111,7 @@ class AdditiveCoupling(Bijection):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x_a, x_b = x[:, : self.num_a], x[:, self.num_a :]
-        y_b = x_b + self.net(x_a)
+        y_b = full_precision(x_b) + full_precision(self.net(x_a))
         return torch.cat([x_a, y_b], dim=1), x.new_zeros(x.shape[0])
 
     def inverse(self, y: Tensor) -> Tensor:

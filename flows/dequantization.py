@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.bijection import Bijection, sum_per_sample
+from flows.bijection import Bijection, full_precision, sum_per_sample
 from flows.conditional_coupling import ConditionalAffineCoupling
 from flows.config import DequantizerConfig
 from flows.denseflow.dense_net import DenseBlock
@@ -47,6 +47,7 @@ class Sigmoid(Bijection):
     """
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = full_precision(x)  # u and log q(u | x) in float32 under autocast (a bf16 u is off by 2^-9)
         return torch.sigmoid(x), sum_per_sample(-F.softplus(-x) - F.softplus(x))
 
     def inverse(self, y: Tensor) -> Tensor:

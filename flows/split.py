@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flows.bijection import Bijection, sum_per_sample
+from flows.bijection import Bijection, full_precision, sum_per_sample
 from flows.coupling import ZeroConv2d
 from flows.strategies.base import SplitStrategy
 
@@ -40,7 +40,7 @@ class Split(Bijection):
 
     def _mean_and_logs(self, x_keep: Tensor) -> tuple[Tensor, Tensor]:
         assert self.prior_net is not None
-        h = self.prior_net(x_keep)
+        h = full_precision(self.prior_net(x_keep))  # the prior in float32 under autocast
         return h[:, 0::2], h[:, 1::2]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -49,7 +49,7 @@ class Split(Bijection):
         if self.prior_net is None:
             return x, x.new_zeros(x.shape[0])
         mean, logs = self._mean_and_logs(x_keep)
-        z = (x_out - mean) * torch.exp(-logs)
+        z = (full_precision(x_out) - mean) * torch.exp(-logs)
         return torch.cat([x_keep, z], dim=1), -sum_per_sample(logs)
 
     def inverse(self, y: Tensor) -> Tensor:

@@ -81,12 +81,18 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.op
 
 
 def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
-    """step -> multiplier of the base lr (``learning_rate``): linear warm-up, then decay_per_epoch**epoch."""
+    """step -> multiplier of the base lr (``learning_rate``): linear warm-up, then ``optim.schedule``
+    (pipeline/config.py OptimConfig): ``exponential`` compounds decay_per_epoch**epoch;
+    ``constant_after_warmup`` stays at 1 except each epoch's first step (step > 0), which sees
+    decay_per_epoch once, as DenseFlow's two stacked schedulers do."""
     warmup, decay, per_epoch = cfg.optim.warmup_steps, cfg.optim.decay_per_epoch, cfg.data.batches_per_epoch
+    compounding = cfg.optim.schedule == "exponential"
 
     def factor(step: int) -> float:
         ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-        return ramp * decay ** (step // per_epoch)
+        if compounding:
+            return ramp * decay ** (step // per_epoch)
+        return ramp * (decay if step > 0 and step % per_epoch == 0 else 1.0)
 
     return factor
 

@@ -10,6 +10,12 @@ including three choices that differ from the Nystromformer paper (listed in docs
 - the output adds v (a residual) before the output 1x1 conv.
 The pseudo-inverse uses six iterations of their cubic Newton-Schulz scheme. The module only
 conditions couplings, so none of this touches invertibility.
+
+Under autocast only the two 1x1 convs run in bf16: everything between them (landmarks, the three
+softmaxes, the pseudo-inverse and the products) runs in float32 with autocast off. The Newton-Schulz
+iteration multiplies kv by polynomials with coefficients 7, 15, 13 six times; in bf16 (8 mantissa
+bits) it moved an untrained DenseFlow's bits/dim by up to 9e-3 (issue 20). Those matmuls are
+(HW x m) and (m x m) with m = 4 landmarks: negligible next to the convs.
 """
 
 from __future__ import annotations
@@ -36,6 +42,21 @@ def iterative_inverse(mat: Tensor, num_iterations: int = 6) -> Tensor:
     return v
 
 
+class PseudoInverse(nn.Module):
+    """``iterative_inverse`` as a module, (..., L, L) -> (..., L, L), always in float32 or wider (a
+    forward hook can check the dtype; it has no parameters, so state_dicts are unchanged)."""
+
+    def __init__(self, num_iterations: int = 6) -> None:
+        super().__init__()
+        self.num_iterations = num_iterations
+
+    def forward(self, mat: Tensor) -> Tensor:
+        if mat.dtype in (torch.float16, torch.bfloat16):
+            mat = mat.float()
+        with torch.autocast(mat.device.type, enabled=False):
+            return iterative_inverse(mat, self.num_iterations)
+
+
 class NystromAttention(nn.Module):
     """(N, C, H, W) -> (N, C, H, W); H*W must be divisible by ``num_landmarks``."""
 
@@ -47,18 +68,23 @@ class NystromAttention(nn.Module):
         self.out = nn.Conv2d(embed_dim, in_channels, kernel_size=1)
         self.embed_dim = embed_dim
         self.num_landmarks = num_landmarks
+        self.pseudo_inverse = PseudoInverse()
 
     def forward(self, x: Tensor) -> Tensor:
         n, _, h, w = x.shape
         positions, e, m = h * w, self.embed_dim, self.num_landmarks
         if positions % m:
             raise ValueError(f"NystromAttention: {h}x{w} positions are not divisible by {m} landmarks")
-        q, k, v = self.qkv(x).reshape(n, positions, 3 * e).chunk(3, dim=-1)
-        scale = positions**0.5
-        q_landmarks = q.reshape(n, m, positions // m, e).mean(dim=-2) / scale
-        k_landmarks = k.reshape(n, m, positions // m, e).mean(dim=-2) / scale
-        kernel_1 = torch.softmax(_bmm_transposed(q, k_landmarks), dim=-2)  # (N, HW, m)
-        kernel_2 = torch.softmax(_bmm_transposed(q_landmarks, k_landmarks), dim=-2)  # (N, m, m)
-        kernel_3 = torch.softmax(_bmm_transposed(q_landmarks, k), dim=-2)  # (N, m, HW)
-        out = (kernel_1 @ iterative_inverse(kernel_2)) @ (kernel_3 @ v) + v  # (N, HW, E)
+        qkv = self.qkv(x)
+        if qkv.dtype in (torch.float16, torch.bfloat16):
+            qkv = qkv.float()
+        with torch.autocast(x.device.type, enabled=False):  # float32 between the convs (module doc)
+            q, k, v = qkv.reshape(n, positions, 3 * e).chunk(3, dim=-1)
+            scale = positions**0.5
+            q_landmarks = q.reshape(n, m, positions // m, e).mean(dim=-2) / scale
+            k_landmarks = k.reshape(n, m, positions // m, e).mean(dim=-2) / scale
+            kernel_1 = torch.softmax(_bmm_transposed(q, k_landmarks), dim=-2)  # (N, HW, m)
+            kernel_2 = torch.softmax(_bmm_transposed(q_landmarks, k_landmarks), dim=-2)  # (N, m, m)
+            kernel_3 = torch.softmax(_bmm_transposed(q_landmarks, k), dim=-2)  # (N, m, HW)
+            out = (kernel_1 @ self.pseudo_inverse(kernel_2)) @ (kernel_3 @ v) + v  # (N, HW, E)
         return self.out(out.reshape(n, e, h, w))

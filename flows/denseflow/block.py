@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from flows.bijection import Bijection, Compose, sum_per_sample
+from flows.bijection import Bijection, Compose, full_precision, sum_per_sample
 from flows.denseflow.coupling import dense_flow_layer
 
 # make_noise(unit index, mu, log_scale) -> (eta, eps): draws (or reads) the noise of one unit.
@@ -49,7 +49,7 @@ class CrossUnitNoise(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, g: Tensor) -> tuple[Tensor, Tensor]:
-        mu, raw = self.net(g).chunk(2, dim=1)
+        mu, raw = full_precision(self.net(g)).chunk(2, dim=1)  # log q(eta | x) in float32 under autocast
         return mu, 2.0 * torch.tanh(raw / 2.0)
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from flows.actnorm import ActNorm
-from flows.bijection import Bijection, Compose, sum_per_sample
+from flows.bijection import Bijection, Compose, full_precision, sum_per_sample
 from flows.denseflow.dense_net import DenseNetMultihead
 from flows.invconv import InvConv1x1
 
@@ -49,12 +49,13 @@ class DenseAffineCoupling(Bijection):
             h = checkpoint(self.net, x_a, use_reentrant=False)
         else:
             h = self.net(x_a)
+        h = full_precision(h)  # shift, scale and log-det in float32 under autocast
         return h[:, 1::2], 2.0 * torch.tanh(h[:, 0::2] / 2.0)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x_a, x_b = x[:, : self.num_a], x[:, self.num_a :]
         shift, log_scale = self._shift_and_log_scale(x_a)
-        y_b = shift + torch.exp(log_scale) * x_b
+        y_b = shift + torch.exp(log_scale) * full_precision(x_b)
         return torch.cat([x_a, y_b], dim=1), sum_per_sample(log_scale)
 
     def inverse(self, y: Tensor) -> Tensor:
