@@ -12,7 +12,7 @@ from tests.unit.test_lr_scaling import CONFIGS, config
 
 
 class _TheirLinearWarmup(torch.optim.lr_scheduler.LRScheduler):
-    """DenseFlow's ``LinearWarmupScheduler`` (denseflow/optim/schedulers.py): an absolute rate."""
+    """DenseFlow's ``LinearWarmupScheduler`` (denseflow/optim/schedulers/linear_warmup.py): absolute."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_epoch: int) -> None:
         self.total_epoch = total_epoch
@@ -24,7 +24,8 @@ class _TheirLinearWarmup(torch.optim.lr_scheduler.LRScheduler):
 
 def _their_rates(lr: float, warmup: int, gamma: float, per_epoch: int, epochs: int) -> list[float]:
     """The lr of every optimizer step of their loop: scheduler_iter.step() after each step,
-    scheduler_epoch.step() after each epoch (experiments/base.py)."""
+    scheduler_epoch.step() after each epoch
+    (experiments/image/experiment/baseline_flow.py, train_fn)."""
     optimizer = torch.optim.Adamax([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     per_iter = _TheirLinearWarmup(optimizer, warmup)
     per_epoch_scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
