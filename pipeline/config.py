@@ -27,6 +27,7 @@ from pydantic import AfterValidator, Field, PlainValidator, field_validator, mod
 from data_prep.storage import RemotePath, as_path, is_uri
 from flows import FlowConfig, SplitConfig
 from pipeline.config_loading import ConfigModel, Overrides, load_file, revise, validate, with_overrides
+from pipeline.device_settings import GpuConfig
 
 AUTO = "auto"
 # The pipeline trains EIW-Flow unless told otherwise; flows' own SplitConfig default is Glow's static split.
@@ -192,6 +193,8 @@ class RunConfig(ConfigModel):
     background writer; Ray Train's asynchronous upload), so a step never waits for storage. Tune
     trials turn it off: a scheduler (ASHA) decides on each report, and an asynchronous report reaches
     it only after the workers have trained on past the rung.
+    ``compile``: ``torch.compile`` of the training objective (auto: on CUDA, eager on CPU;
+    pipeline/device_settings.py); it may change on resume.
     """
 
     name: DirectoryName = "sample"
@@ -211,6 +214,7 @@ class RunConfig(ConfigModel):
     iwbo_samples: int = Field(0, ge=0)
     iwbo_chunk: int = Field(0, ge=0)
     async_checkpoints: bool = True
+    compile: Switch = AUTO
 
 
 # The YAML key is `register`; as a field it shadows ABCMeta.register on the class only, harmlessly.
@@ -296,6 +300,7 @@ class TrainConfig(ConfigModel):
     run: RunConfig = RunConfig()
     mlflow: MlflowConfig = MlflowConfig()
     ray: RayConfig = RayConfig()
+    gpu: GpuConfig = GpuConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -90,8 +90,9 @@ def train_crop(root: str | Path | RemotePath) -> int | None:
     return int(crop) if crop else None
 
 
-def make_train_loader(cfg: DataConfig, *, seed: int):
-    """Endless resampled stream, ``cfg.batches_per_epoch`` uint8 (B, C, H, W) batches per pass."""
+def make_train_loader(cfg: DataConfig, *, seed: int, pin_memory: bool = False):
+    """Endless resampled stream, ``cfg.batches_per_epoch`` uint8 (B, C, H, W) batches per pass
+    (in page-locked memory with ``pin_memory``, for asynchronous copies to a GPU)."""
     return train_loader(
         as_path(cfg.root) / "train",
         batch_size=cfg.batch_size,
@@ -101,6 +102,7 @@ def make_train_loader(cfg: DataConfig, *, seed: int):
         seed=seed,
         random_crop=train_crop(cfg.root),
         random_flip=cfg.random_flip,
+        pin_memory=pin_memory,
     )
 
 
