@@ -92,12 +92,18 @@ class OptimConfig(ConfigModel):
 
     The regulariser weight is a loss setting: ``loss.sigma`` (``LossConfig``).
 
-    ``reference_batch``: the global batch (``data.batch_size x ray.num_workers``) that ``lr`` was
-    chosen for, i.e. the recipe's; null = no check. When a run's global batch B differs from it the
+    ``reference_batch``: the global batch (``data.batch_size x ray.num_workers x accumulate``) that
+    ``lr`` was chosen for, i.e. the recipe's; null = no check. When a run's global batch B differs from it the
     pipeline warns, naming both, and ``lr_scaling`` decides the learning rate actually used:
     ``none`` keeps ``lr`` (warn only), ``linear`` uses ``lr * B / reference_batch`` (Goyal et al.
     2017, for SGD), ``sqrt`` uses ``lr * sqrt(B / reference_batch)`` (the square-root rule, which
     Malladi et al. 2022 derive for Adam-type optimisers). Warm-up and decay stay in steps.
+
+    ``accumulate``: micro-batches of ``data.batch_size`` per optimizer step (DDP all-reduces once,
+    after the last), so the global batch is ``data.batch_size x ray.num_workers x accumulate``.
+    It does not enlarge BatchNorm's statistics batch (each micro-batch normalises alone; see
+    ``ray.sync_batchnorm``). ``ema_decay``: keep an exponential moving average of the weights
+    (null = off), evaluated and registered beside the raw ones (pipeline/ema.py).
     """
 
     name: Literal["adam", "adamax"] = "adam"
@@ -109,6 +115,8 @@ class OptimConfig(ConfigModel):
     grad_clip_norm: float = Field(50.0, gt=0)
     reference_batch: int | None = Field(None, ge=1)
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    accumulate: int = Field(1, ge=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _scaling_needs_a_reference(self) -> OptimConfig:
@@ -271,7 +279,8 @@ class RayConfig(ConfigModel):
 
     ``address`` empty: $RAY_ADDRESS (set by ``ray job submit``) or a local embedded Ray started with
     ``num_cpus`` logical CPUs (0 = Ray's default). ``use_gpu``: true, false or auto (when the cluster
-    has GPUs).
+    has GPUs). ``sync_batchnorm``: BatchNorm (DenseFlow's dense nets) normalises over every worker's
+    images together (``torch.nn.SyncBatchNorm``; GPU workers only, pipeline/runtime.py).
     """
 
     enabled: bool = True
@@ -282,6 +291,7 @@ class RayConfig(ConfigModel):
     cpus_per_worker: float = Field(1.0, ge=0)
     gpus_per_worker: float = Field(1.0, ge=0)
     max_failures: int = Field(2, ge=-1)  # -1 = retry forever
+    sync_batchnorm: bool = False
 
     def uses_gpu(self, cluster_resources: Mapping[str, float]) -> bool:
         """``use_gpu``, with ``auto`` decided by the cluster: GPU workers when it has a GPU."""

@@ -127,7 +127,9 @@ def fit(cfg: TrainConfig, *, runtime: Runtime | None = None, faults: Faults = NO
     state = TrainState(cfg, runtime.device, settings=settings)
     state.resume(runtime)
     state.flow.advance(state.step)
-    loader = make_train_loader(cfg.data, seed=cfg.run.seed, pin_memory=settings.pin_memory)
+    loader = make_train_loader(
+        cfg.data, seed=cfg.run.seed, pin_memory=settings.pin_memory, micro_batches=cfg.optim.accumulate
+    )
     if state.resumed_from is None and runtime.is_main:
         loader.set_epoch(0)
         initialize_actnorm(state.flow, next(iter(loader)).to(runtime.device))
@@ -140,7 +142,7 @@ def fit(cfg: TrainConfig, *, runtime: Runtime | None = None, faults: Faults = NO
         tracker=start_tracking(cfg, runtime, state),
         console=Console(cfg, runtime, initial=state.step),
         window=MetricWindow(
-            images_per_step=cfg.data.batch_size * runtime.world_size,
+            images_per_step=cfg.data.batch_size * runtime.world_size * cfg.optim.accumulate,
             first_window_steps=cfg.run.log_every,
             workers=runtime.world_size,
         ),

@@ -41,7 +41,7 @@ from pipeline.checkpoint import checkpoint_order, dead_staging, list_checkpoints
 from pipeline.config import TrainConfig, checkpoint_root
 from pipeline.faults import NO_FAULTS, Faults
 from pipeline.loop import FitResult, fit
-from pipeline.runtime import Runtime
+from pipeline.runtime import Runtime, with_sync_batchnorm
 from pipeline.train_state import check_resume
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ class RayRuntime(Runtime):
         self.device = ray.train.torch.get_device()
         self._run_dir = checkpoint_root(cfg) / cfg.run.name
         self._async_upload = cfg.run.async_checkpoints
+        self._sync_batchnorm = cfg.ray.sync_batchnorm
 
     @property
     def _distributed(self) -> bool:
@@ -113,6 +114,8 @@ class RayRuntime(Runtime):
     def wrap(self, module: nn.Module) -> nn.Module:
         if not self._distributed:
             return module  # one worker: DDP would only add its hooks
+        if self._sync_batchnorm:
+            module = with_sync_batchnorm(module, self.device)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=device_ids)
 

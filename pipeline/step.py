@@ -51,8 +51,9 @@ class StepResult:
 
 # ------------------------------------------------------------------------------ optimisation
 def global_batch(cfg: TrainConfig) -> int:
-    """Images per optimizer step over all workers: ``data.batch_size`` is per worker."""
-    return cfg.data.batch_size * cfg.ray.num_workers
+    """Images per optimizer step over all workers: ``data.batch_size`` (per worker and micro-batch)
+    x ``ray.num_workers`` x ``optim.accumulate``."""
+    return cfg.data.batch_size * cfg.ray.num_workers * cfg.optim.accumulate
 
 
 def learning_rate(cfg: TrainConfig) -> float:
@@ -68,8 +69,8 @@ def learning_rate(cfg: TrainConfig) -> float:
         )
         warnings.warn(
             f"global batch {batch} (data.batch_size {cfg.data.batch_size} x ray.num_workers "
-            f"{cfg.ray.num_workers}) differs from the recipe's optim.reference_batch {o.reference_batch}; "
-            f"{what}",
+            f"{cfg.ray.num_workers} x optim.accumulate {cfg.optim.accumulate}) differs from the recipe's "
+            f"optim.reference_batch {o.reference_batch}; {what}",
             UserWarning,
             stacklevel=2,
         )
@@ -115,6 +116,10 @@ def train_step(
 ) -> StepResult:
     """One optimisation step on a uint8 batch (B, C, H, W), with no host synchronisation.
 
+    With ``optim.accumulate`` k the batch holds k micro-batches of ``data.batch_size`` (the per-GPU
+    batch); each runs forward and backward in turn (under DDP's ``no_sync`` but the last), and the
+    gradients of their mean loss make one optimizer step. The returned bits/dim is their mean.
+
     The step is skipped (parameters and optimizer state unchanged) if any rank's loss or the global
     gradient norm is non-finite. The decision is a device tensor, the same on every rank (the loss
     flag is all-reduced, the norm is global), applied by ``skippable_step`` without reading it back.
@@ -122,22 +127,34 @@ def train_step(
     steps, so skips do not eat warm-up.
     """
     optimizer.zero_grad(set_to_none=True)
-    with autocast_for(cfg, runtime.device):
-        bpd, reg = objective(batch)
-    loss = training_loss(bpd, reg, cfg.loss.sigma)
-    if poison:
-        loss = loss * float("nan")
-    loss.backward()
+    micro_batches = batch.chunk(cfg.optim.accumulate)
+    assert len(micro_batches) == cfg.optim.accumulate, "the loader's batch holds accumulate micro-batches"
+    bpd_sum, reg_sum, nonfinite = None, None, None
+    for i, micro in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        # DDP all-reduces the gradients in the last micro-batch's backward only
+        with contextlib.nullcontext() if last or not hasattr(objective, "no_sync") else objective.no_sync():
+            with autocast_for(cfg, runtime.device):
+                bpd, reg = objective(micro)
+            loss = training_loss(bpd, reg, cfg.loss.sigma)
+            if poison:
+                loss = loss * float("nan")
+            (loss / len(micro_batches)).backward()  # equal micro-batches: the mean of their means
+        bad = ~torch.isfinite(loss.detach())
+        bpd_mean, reg_value = bpd.detach().float().mean(), reg.detach().float()
+        nonfinite = bad if nonfinite is None else nonfinite | bad
+        bpd_sum = bpd_mean if bpd_sum is None else bpd_sum + bpd_mean
+        reg_sum = reg_value if reg_sum is None else reg_sum + reg_value
     params = [p for p in objective.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip_norm)
     # Every rank must take the same decision; the gradient norm is global already, the loss is not.
-    bad = runtime.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
+    bad = runtime.all_reduce_sum(nonfinite.float().reshape(1))
     skipped = (bad[0] > 0) | ~torch.isfinite(grad_norm.detach())
     skippable_step(optimizer, skipped)
     scheduler.step()
     return StepResult(
-        bits_per_dim=bpd.detach().float().mean(),
-        regularizer=reg.detach().float(),
+        bits_per_dim=bpd_sum / len(micro_batches),
+        regularizer=reg_sum / len(micro_batches),
         grad_norm=grad_norm.detach().float(),
         skipped=skipped,
     )
