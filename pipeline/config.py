@@ -237,6 +237,8 @@ class MlflowConfig(ConfigModel):
     so the alias that follows every new version is ``newest_alias``.
 
     ``parent_run_id``: nest the run under that MLflow run (a search's parent run; tune/ sets it).
+    ``register_weights``: the weights logged and registered as the model, ``ema`` (the average,
+    ``optim.ema_decay``) or ``raw``; ``auto`` = ema when the average is kept, else raw.
 
     Live tracking: metrics every ``run.log_every`` steps through MLflow's asynchronous logging
     (``async_metrics: false`` makes every log step wait for the server); ``system_metrics``: MLflow's
@@ -262,6 +264,7 @@ class MlflowConfig(ConfigModel):
     system_metrics: bool = True
     system_metrics_interval_s: float = Field(10.0, gt=0)
     parent_run_id: str = ""
+    register_weights: Literal["auto", "ema", "raw"] = "auto"
 
     @model_validator(mode="after")
     def _registry_needs(self) -> MlflowConfig:
@@ -330,6 +333,12 @@ class TrainConfig(ConfigModel):
     def _one_worker_without_ray(self) -> TrainConfig:
         if self.ray.num_workers > 1 and not self.ray.enabled:
             raise ValueError("ray.num_workers: more than one worker needs ray.enabled: true")
+        return self
+
+    @model_validator(mode="after")
+    def _ema_weights_need_an_average(self) -> TrainConfig:
+        if self.mlflow.register_weights == "ema" and self.optim.ema_decay is None:
+            raise ValueError("mlflow.register_weights: ema needs optim.ema_decay (no average is kept)")
         return self
 
     @model_validator(mode="after")

@@ -148,6 +148,7 @@ def fit(cfg: TrainConfig, *, runtime: Runtime | None = None, faults: Faults = NO
         ),
         faults=faults,
     )
+    state.start_ema()  # after ActNorm's initialisation and the DDP broadcast: the same on every rank
     if runtime.is_main:
         trainer.console.say(f"device settings, {settings.describe()}")
     total, per_epoch, first_step = cfg.total_steps, cfg.data.batches_per_epoch, state.step
@@ -247,6 +248,8 @@ class Trainer:
         if self.first_step_clock.pending:
             seconds = self.first_step_clock.stop(self.console.say if runtime.is_main else lambda _: None)
             self.tracker.log_metrics(state.step + 1, {"train/first_step_s": seconds})
+        if state.ema is not None:
+            state.ema.update(state.flow, result.skipped)
         state.count(result)
         self.window.add(result)
         self.console.advance()
@@ -284,6 +287,13 @@ class Trainer:
             bpd, count = evaluate(state.flow, test_loader, runtime=runtime, seed=cfg.run.seed)
         tracker.log_metrics(state.step, {"test/bits_per_dim": bpd})
         console.say(f"step {state.step}/{cfg.total_steps} | test bits/dim {bpd:.4f} over {count} images")
+        if state.ema is not None:  # the averaged weights on the same images and noise
+            with seeded_noise(cfg.run.seed * 1_000_003 + runtime.rank, runtime.device):
+                ema_loader = make_eval_loader(cfg.data, rank=runtime.rank, world_size=runtime.world_size)
+                ema_bpd, _ = evaluate(state.ema.ready(), ema_loader, runtime=runtime, seed=cfg.run.seed)
+            state.test_bits_per_dim_ema = ema_bpd
+            tracker.log_metrics(state.step, {"test/bits_per_dim_ema": ema_bpd})
+            console.say(f"step {state.step}/{cfg.total_steps} | test bits/dim (EMA weights) {ema_bpd:.4f}")
         if cfg.run.iwbo_samples and state.step == cfg.total_steps:
             k = cfg.run.iwbo_samples
             iwbo, _ = evaluate_iwbo(

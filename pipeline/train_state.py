@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from flows import build_flow
+from flows import FlowModel, build_flow
 from pipeline.checkpoint import (
     checkpoint_name,
     list_checkpoints,
@@ -35,6 +35,7 @@ from pipeline.checkpoint_writer import cpu_copy
 from pipeline.config import TrainConfig, checkpoint_root, config_to_yaml, migrate_moved_keys
 from pipeline.config_loading import flatten
 from pipeline.device_settings import DeviceSettings, optimizer_options
+from pipeline.ema import WeightAverage
 from pipeline.rng import rng_state, set_rng_state
 from pipeline.runtime import Runtime
 from pipeline.step import StepResult, lr_factor, make_optimizer
@@ -136,6 +137,8 @@ class TrainState:
         self._worst_in_row: torch.Tensor | None = None
         self.mlflow_run_id: str | None = None
         self.test_bits_per_dim = math.nan
+        self.test_bits_per_dim_ema = math.nan
+        self.ema: WeightAverage | None = None  # optim.ema_decay: started by ``start_ema`` or a resume
         self.resumed_from: int | None = None  # the checkpoint's step, when this process resumed one
         self.resume_tags: dict[str, str] = {}  # for MLflow: a fallback, changed settings
 
@@ -153,6 +156,10 @@ class TrainState:
         changes = check_resume_config(found.state["config"], self.cfg, source=found.directory)
         saved, directory = found.state, found.directory
         self.flow.load_state_dict(saved["model"])
+        if self.cfg.optim.ema_decay is not None and saved.get("ema") is not None:
+            self.ema = WeightAverage(self.flow, self.cfg.optim.ema_decay)
+            self.ema.load_state_dict(saved["ema"])  # else (EMA new on this resume) start_ema starts it
+        self.test_bits_per_dim_ema = saved.get("test_bits_per_dim_ema", math.nan)
         self._load_optimizer(saved)
         self.step = self.resumed_from = saved["step"]
         self.skipped_steps = saved["skipped_steps"]
@@ -187,6 +194,18 @@ class TrainState:
                     where = p.device if on_device else torch.device("cpu")
                     state["step"] = state["step"].to(where, torch.float32)
         self._set_schedule_position(self.scheduler.last_epoch)
+
+    def start_ema(self) -> None:
+        """Start the weight average (``optim.ema_decay``) from the current weights, unless a resume
+        loaded it. Call after ActNorm's initialisation and the DDP broadcast, on every rank."""
+        if self.cfg.optim.ema_decay is not None and self.ema is None:
+            self.ema = WeightAverage(self.flow, self.cfg.optim.ema_decay)
+
+    def registered_flow(self) -> tuple[FlowModel, float]:
+        """(the flow to log and register, its test bits/dim): ``mlflow.register_weights``."""
+        if self.ema is not None and self.cfg.mlflow.register_weights in ("auto", "ema"):
+            return self.ema.ready(), self.test_bits_per_dim_ema
+        return self.flow, self.test_bits_per_dim
 
     def count(self, result: StepResult) -> None:
         """One more step done. Skips are counted on the device (no host read); ``settle`` reads them."""
@@ -246,6 +265,8 @@ class TrainState:
             "mlflow_run_id": self.mlflow_run_id,
             "skipped_steps": self.skipped_steps,
             "test_bits_per_dim": self.test_bits_per_dim,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "test_bits_per_dim_ema": self.test_bits_per_dim_ema,
         }
 
     def save(self, runtime: Runtime, snapshot: dict, *, metrics: dict) -> None:
