@@ -246,6 +246,7 @@ class Trainer:
             poison=self.faults.poisons(state.step + 1),
         )
         if self.first_step_clock.pending:
+            result.skipped.item()  # wait for the device once, so the first step's time is its own
             seconds = self.first_step_clock.stop(self.console.say if runtime.is_main else lambda _: None)
             self.tracker.log_metrics(state.step + 1, {"train/first_step_s": seconds})
         if state.ema is not None:
