@@ -47,8 +47,9 @@ def _run(cfg: TrainConfig, batches: list[torch.Tensor], directory: str, *, backg
         start = time.perf_counter()
         result = train_step(objective, batches[i % len(batches)], state.optimizer, state.scheduler,
                             cfg=cfg, runtime=runtime)  # fmt: skip
+        result.skipped.item()  # train_step reads nothing back: synchronise the device for the clock
         took = time.perf_counter() - start
-        state.count(result, checkpoint_dir=Path(directory))
+        state.count(result)
         if i >= warmup:
             (busy_steps if busy else idle_steps).append(took)
             if (i - warmup + 1) % every == 0:

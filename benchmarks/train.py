@@ -115,9 +115,9 @@ class Trainer:
             faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
             start, start_cpu, start_thread = time.perf_counter(), time.process_time(), time.thread_time()
             batch = self.batches[self.step % len(self.batches)]
-            train_step(self.objective, batch, self.optimizer, self.scheduler, cfg=self.cfg,
-                       runtime=self.runtime)  # fmt: skip
-            # train_step reads its results back, so the device is synchronised here
+            result = train_step(self.objective, batch, self.optimizer, self.scheduler, cfg=self.cfg,
+                                runtime=self.runtime)  # fmt: skip
+            result.skipped.item()  # train_step reads nothing back: synchronise the device for the clock
             times["wall"].append(time.perf_counter() - start)
             times["cpu"].append(time.process_time() - start_cpu)
             times["thread"].append(time.thread_time() - start_thread)

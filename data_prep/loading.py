@@ -209,6 +209,7 @@ def train_loader(
     with_labels: bool = False,
     on_corrupt: str = "fail",
     verify: bool = True,
+    pin_memory: bool = False,
 ) -> TrainLoader:
     """Endless resampled shard stream cut into epochs of `batches_per_epoch` full batches per rank.
 
@@ -216,6 +217,7 @@ def train_loader(
     the split has no labels). `random_crop=c` takes a uniform c x c crop (e.g. 64 of LSUN's stored 96
     under the glow protocol); `random_flip` mirrors half the images left-right.
     Rank and world size come from RANK/WORLD_SIZE (set by Ray Train) or torch.distributed.
+    `pin_memory`: batches in page-locked memory (DataLoader's pin thread), for non-blocking GPU copies.
     """
     if batch_size < 1 or batches_per_epoch < 1:
         raise ValueError(
@@ -239,6 +241,7 @@ def train_loader(
         num_workers=num_workers,
         multiprocessing_context=_worker_context(num_workers),
         persistent_workers=False,
+        pin_memory=pin_memory,
     )
     # with_epoch on the loader (not the dataset) counts batches per rank, summed over its workers.
     return TrainLoader(loader.with_epoch(batches_per_epoch), stream, shards, batches_per_epoch)

@@ -22,12 +22,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, PlainValidator, field_validator, model_validator
+from pydantic import AfterValidator, Field, PlainValidator, field_validator, model_validator
 
 from data_prep.storage import RemotePath, as_path, is_uri
 from flows import FlowConfig, SplitConfig
-from flows.strategies import SplitOptions, legacy_split_keys
 from pipeline.config_loading import ConfigModel, Overrides, load_file, revise, validate, with_overrides
+from pipeline.device_settings import GpuConfig
+from pipeline.model_section import ModelSection
 
 AUTO = "auto"
 # The pipeline trains EIW-Flow unless told otherwise; flows' own SplitConfig default is Glow's static split.
@@ -102,12 +103,18 @@ class OptimConfig(ConfigModel):
 
     The regulariser weight is a loss setting: ``loss.sigma`` (``LossConfig``).
 
-    ``reference_batch``: the global batch (``data.batch_size x ray.num_workers``) that ``lr`` was
-    chosen for, i.e. the recipe's; null = no check. When a run's global batch B differs from it the
+    ``reference_batch``: the global batch (``data.batch_size x ray.num_workers x accumulate``) that
+    ``lr`` was chosen for, i.e. the recipe's; null = no check. When a run's global batch B differs from it the
     pipeline warns, naming both, and ``lr_scaling`` decides the learning rate actually used:
     ``none`` keeps ``lr`` (warn only), ``linear`` uses ``lr * B / reference_batch`` (Goyal et al.
     2017, for SGD), ``sqrt`` uses ``lr * sqrt(B / reference_batch)`` (the square-root rule, which
     Malladi et al. 2022 derive for Adam-type optimisers). Warm-up and decay stay in steps.
+
+    ``accumulate``: micro-batches of ``data.batch_size`` per optimizer step (DDP all-reduces once,
+    after the last), so the global batch is ``data.batch_size x ray.num_workers x accumulate``.
+    It does not enlarge BatchNorm's statistics batch (each micro-batch normalises alone; see
+    ``ray.sync_batchnorm``). ``ema_decay``: keep an exponential moving average of the weights
+    (null = off), evaluated and registered beside the raw ones (pipeline/ema.py).
     """
 
     name: Literal["adam", "adamax"] = "adam"
@@ -120,6 +127,8 @@ class OptimConfig(ConfigModel):
     grad_clip_norm: float = Field(50.0, gt=0)
     reference_batch: int | None = Field(None, ge=1)
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    accumulate: int = Field(1, ge=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _scaling_needs_a_reference(self) -> OptimConfig:
@@ -204,6 +213,8 @@ class RunConfig(ConfigModel):
     background writer; Ray Train's asynchronous upload), so a step never waits for storage. Tune
     trials turn it off: a scheduler (ASHA) decides on each report, and an asynchronous report reaches
     it only after the workers have trained on past the rung.
+    ``compile``: ``torch.compile`` of the training objective (auto: on CUDA, eager on CPU;
+    pipeline/device_settings.py); it may change on resume.
     """
 
     name: DirectoryName = "sample"
@@ -223,6 +234,7 @@ class RunConfig(ConfigModel):
     iwbo_samples: int = Field(0, ge=0)
     iwbo_chunk: int = Field(0, ge=0)
     async_checkpoints: bool = True
+    compile: Switch = AUTO
 
 
 # The YAML key is `register`; as a field it shadows ABCMeta.register on the class only, harmlessly.
@@ -237,6 +249,8 @@ class MlflowConfig(ConfigModel):
     so the alias that follows every new version is ``newest_alias``.
 
     ``parent_run_id``: nest the run under that MLflow run (a search's parent run; tune/ sets it).
+    ``register_weights``: the weights logged and registered as the model, ``ema`` (the average,
+    ``optim.ema_decay``) or ``raw``; ``auto`` = ema when the average is kept, else raw.
 
     Live tracking: metrics every ``run.log_every`` steps through MLflow's asynchronous logging
     (``async_metrics: false`` makes every log step wait for the server); ``system_metrics``: MLflow's
@@ -265,6 +279,7 @@ class MlflowConfig(ConfigModel):
     # A resumed checkpoint names an MLflow run this tracking server lacks: fail (say so), or start a
     # new run tagged pipeline.previous_run_id with the old id.
     on_missing_run: Literal["fail", "new"] = "fail"
+    register_weights: Literal["auto", "ema", "raw"] = "auto"
 
     @model_validator(mode="after")
     def _registry_needs(self) -> MlflowConfig:
@@ -282,7 +297,8 @@ class RayConfig(ConfigModel):
 
     ``address`` empty: $RAY_ADDRESS (set by ``ray job submit``) or a local embedded Ray started with
     ``num_cpus`` logical CPUs (0 = Ray's default). ``use_gpu``: true, false or auto (when the cluster
-    has GPUs).
+    has GPUs). ``sync_batchnorm``: BatchNorm (DenseFlow's dense nets) normalises over every worker's
+    images together (``torch.nn.SyncBatchNorm``; GPU workers only, pipeline/runtime.py).
     """
 
     enabled: bool = True
@@ -293,41 +309,11 @@ class RayConfig(ConfigModel):
     cpus_per_worker: float = Field(1.0, ge=0)
     gpus_per_worker: float = Field(1.0, ge=0)
     max_failures: int = Field(2, ge=-1)  # -1 = retry forever
+    sync_batchnorm: bool = False
 
     def uses_gpu(self, cluster_resources: Mapping[str, float]) -> bool:
         """``use_gpu``, with ``auto`` decided by the cluster: GPU workers when it has a GPU."""
         return self.use_gpu if isinstance(self.use_gpu, bool) else cluster_resources.get("GPU", 0) >= 1
-
-
-class _SplitByStrategy:
-    """pydantic hook: ``FlowConfig.split`` validated as a union discriminated by ``strategy`` (one
-    config class per strategy, flows/strategies/), so a bad key or value names that strategy's field."""
-
-    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
-        schema = handler(source)
-        tagged = handler.generate_schema(Annotated[SplitOptions, Field(discriminator="strategy")])
-        fields = handler.resolve_ref_schema(schema)["schema"]["fields"]
-        (split,) = [f for f in fields if f["name"] == "split"]
-        if split["schema"]["type"] == "default":  # the default_factory wraps the field's schema
-            split["schema"]["schema"] = tagged
-        else:  # pragma: no cover - FlowConfig.split always has a default
-            split["schema"] = tagged
-        return schema
-
-
-def _split_from_old_keys(model: Any) -> Any:
-    """A ``model`` mapping whose ``split`` uses the old flat keys -> its strategy's keys
-    (flows.strategies.legacy_split_keys); a knob of another strategy is an error naming it."""
-    if isinstance(model, dict) and isinstance(model.get("split"), dict):
-        try:  # flows' default strategy (TrainConfig's own validator has set the pipeline's before this)
-            return {**model, "split": legacy_split_keys({"strategy": "static", **model["split"]})}
-        except ValueError as e:
-            raise ValueError(f"split.{e}") from None
-    return model
-
-
-# The model section: flows' FlowConfig with its split as a discriminated union and old keys mapped.
-ModelSection = Annotated[FlowConfig, _SplitByStrategy(), BeforeValidator(_split_from_old_keys)]
 
 
 def _default_model() -> FlowConfig:
@@ -342,6 +328,7 @@ class TrainConfig(ConfigModel):
     run: RunConfig = RunConfig()
     mlflow: MlflowConfig = MlflowConfig()
     ray: RayConfig = RayConfig()
+    gpu: GpuConfig = GpuConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -361,6 +348,12 @@ class TrainConfig(ConfigModel):
     def _one_worker_without_ray(self) -> TrainConfig:
         if self.ray.num_workers > 1 and not self.ray.enabled:
             raise ValueError("ray.num_workers: more than one worker needs ray.enabled: true")
+        return self
+
+    @model_validator(mode="after")
+    def _ema_weights_need_an_average(self) -> TrainConfig:
+        if self.mlflow.register_weights == "ema" and self.optim.ema_decay is None:
+            raise ValueError("mlflow.register_weights: ema needs optim.ema_decay (no average is kept)")
         return self
 
     @model_validator(mode="after")

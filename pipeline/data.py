@@ -90,11 +90,13 @@ def train_crop(root: str | Path | RemotePath) -> int | None:
     return int(crop) if crop else None
 
 
-def make_train_loader(cfg: DataConfig, *, seed: int):
-    """Endless resampled stream, ``cfg.batches_per_epoch`` uint8 (B, C, H, W) batches per pass."""
+def make_train_loader(cfg: DataConfig, *, seed: int, pin_memory: bool = False, micro_batches: int = 1):
+    """Endless resampled stream, ``cfg.batches_per_epoch`` uint8 (B, C, H, W) batches per pass, each
+    one optimizer step: B = ``cfg.batch_size x micro_batches`` (``optim.accumulate``; the step
+    splits it). In page-locked memory with ``pin_memory``, for asynchronous copies to a GPU."""
     return train_loader(
         as_path(cfg.root) / "train",
-        batch_size=cfg.batch_size,
+        batch_size=cfg.batch_size * micro_batches,
         batches_per_epoch=cfg.batches_per_epoch,
         num_workers=cfg.loader_workers,
         shuffle_buffer=cfg.shuffle_buffer,
@@ -102,6 +104,7 @@ def make_train_loader(cfg: DataConfig, *, seed: int):
         random_crop=train_crop(cfg.root),
         random_flip=cfg.random_flip,
         on_corrupt=cfg.on_corrupt_shard,
+        pin_memory=pin_memory,
     )
 
 

@@ -58,11 +58,11 @@ def log_final_artifacts(
     require_finite_score(state.test_bits_per_dim, step)  # before any model is logged or registered
     if cfg.mlflow.log_model:
         lineage = model_metadata(cfg.model_dump(mode="json"), code_version(), shard_datasets(cfg.data.root))
-        model_uri = log_flow_model(state.flow, test_bpd=state.test_bits_per_dim, lineage=lineage)
+        flow, test_bpd = state.registered_flow()  # raw or averaged weights: mlflow.register_weights
+        require_finite_score(test_bpd, step)  # the averaged weights' score, when they are the ones logged
+        model_uri = log_flow_model(flow, test_bpd=test_bpd, lineage=lineage)
         if cfg.mlflow.register:
-            registered = register(
-                model_uri, cfg=cfg.mlflow, test_bpd=state.test_bits_per_dim, run_id=tracker.run_id
-            )
+            registered = register(model_uri, cfg=cfg.mlflow, test_bpd=test_bpd, run_id=tracker.run_id)
             version = str(registered.version)
             tracker.set_tags({MODEL_VERSION_TAG: version})
     tracker.set_tags({FINAL_STEP_TAG: str(step)})

@@ -32,6 +32,13 @@ from pipeline.config import TrainConfig, checkpoint_root
 from pipeline.config_loading import flatten
 from pipeline.console import Console
 from pipeline.data import make_eval_loader, make_train_loader, train_batches
+from pipeline.device_settings import (
+    DeviceSettings,
+    FirstStepClock,
+    apply_settings,
+    choose_settings,
+    compile_objective,
+)
 from pipeline.evaluation import evaluate_iwbo, seeded_noise
 from pipeline.faults import NO_FAULTS, Faults
 from pipeline.final_artifacts import (
@@ -120,10 +127,14 @@ def fit(cfg: TrainConfig, *, runtime: Runtime | None = None, faults: Faults = NO
     torch.manual_seed(cfg.run.seed * 1000 + runtime.rank)
     random.seed(cfg.run.seed * 1000 + runtime.rank)
 
-    state = TrainState(cfg, runtime.device)
+    settings = choose_settings(runtime.device.type, cfg)
+    apply_settings(settings)
+    state = TrainState(cfg, runtime.device, settings=settings)
     state.resume(runtime)
     state.flow.advance(state.step)
-    loader = make_train_loader(cfg.data, seed=cfg.run.seed)
+    loader = make_train_loader(
+        cfg.data, seed=cfg.run.seed, pin_memory=settings.pin_memory, micro_batches=cfg.optim.accumulate
+    )
     if state.resumed_from is None and runtime.is_main:
         loader.set_epoch(0)
         initialize_actnorm(state.flow, next(iter(loader)).to(runtime.device))
@@ -131,16 +142,20 @@ def fit(cfg: TrainConfig, *, runtime: Runtime | None = None, faults: Faults = NO
         cfg=cfg,
         runtime=runtime,
         state=state,
-        objective=runtime.wrap(TrainingObjective(state.flow)),
+        objective=compile_objective(runtime.wrap(TrainingObjective(state.flow)), settings),
+        settings=settings,
         tracker=start_tracking(cfg, runtime, state),
         console=Console(cfg, runtime, initial=state.step),
         window=MetricWindow(
-            images_per_step=cfg.data.batch_size * runtime.world_size,
+            images_per_step=cfg.data.batch_size * runtime.world_size * cfg.optim.accumulate,
             first_window_steps=cfg.run.log_every,
             workers=runtime.world_size,
         ),
         faults=faults,
     )
+    state.start_ema()  # after ActNorm's initialisation and the DDP broadcast: the same on every rank
+    if runtime.is_main:
+        trainer.console.say(f"device settings, {settings.describe()}")
     total, per_epoch, first_step = cfg.total_steps, cfg.data.batches_per_epoch, state.step
     status, version = "FAILED", None
     try:
@@ -196,7 +211,11 @@ class Trainer:
     tracker: Tracker
     console: Console
     window: MetricWindow
+    settings: DeviceSettings | None = None
     faults: Faults = NO_FAULTS
+
+    def __post_init__(self) -> None:
+        self.first_step_clock = FirstStepClock(compiled=bool(self.settings and self.settings.compile))
 
     # --------------------------------------------------------------------------------- cadence
     def should_log(self, step: int) -> bool:
@@ -218,16 +237,26 @@ class Trainer:
         state, runtime = self.state, self.runtime
         self.faults.before_step(state.step + 1, runtime)
         state.flow.advance(state.step)
+        batch = batch.to(runtime.device, non_blocking=True)
+        if self.settings is not None and self.settings.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        self.first_step_clock.start()
         result = train_step(
             self.objective,
-            batch.to(runtime.device, non_blocking=True),
+            batch,
             state.optimizer,
             state.scheduler,
             cfg=self.cfg,
             runtime=runtime,
             poison=self.faults.poisons(state.step + 1),
         )
-        state.count(result, checkpoint_dir=runtime.run_dir)
+        if self.first_step_clock.pending:
+            result.skipped.item()  # wait for the device once, so the first step's time is its own
+            seconds = self.first_step_clock.stop(self.console.say if runtime.is_main else lambda _: None)
+            self.tracker.log_metrics(state.step + 1, {"train/first_step_s": seconds})
+        if state.ema is not None:
+            state.ema.update(state.flow, result.skipped)
+        state.count(result)
         self.window.add(result)
         self.console.advance()
         return result
@@ -236,6 +265,7 @@ class Trainer:
         """Close the metric window: its means (and, on rank 0, the split diagnostics) to MLflow now, the
         split order to the order picture's history, a log line."""
         state, console = self.state, self.console
+        state.settle(checkpoint_dir=self.runtime.run_dir)  # the step's one host read: skips, lr
         lr = state.scheduler.get_last_lr()[0]
         metrics, text = self.window.close(state.step, lr=lr, skipped_total=state.skipped_steps)
         if self.runtime.is_main:
@@ -264,6 +294,13 @@ class Trainer:
         tracker.log_metrics(state.step, {"test/bits_per_dim": bpd})
         console.say(f"step {state.step}/{cfg.total_steps} | test bits/dim {bpd:.4f} over {count} images")
         require_finite_score(bpd, state.step)  # a broken model stops here, before sampling or registering
+        if state.ema is not None:  # the averaged weights on the same images and noise
+            with seeded_noise(cfg.run.seed * 1_000_003 + runtime.rank, runtime.device):
+                ema_loader = make_eval_loader(cfg.data, rank=runtime.rank, world_size=runtime.world_size)
+                ema_bpd, _ = evaluate(state.ema.ready(), ema_loader, runtime=runtime, seed=cfg.run.seed)
+            state.test_bits_per_dim_ema = ema_bpd
+            tracker.log_metrics(state.step, {"test/bits_per_dim_ema": ema_bpd})
+            console.say(f"step {state.step}/{cfg.total_steps} | test bits/dim (EMA weights) {ema_bpd:.4f}")
         if cfg.run.iwbo_samples and state.step == cfg.total_steps:
             k = cfg.run.iwbo_samples
             iwbo, _ = evaluate_iwbo(

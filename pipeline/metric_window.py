@@ -3,9 +3,10 @@
 Each log line closes a window: the mean bits/dim, regularizer and gradient norm of its finite steps
 (skipped, non-finite steps are only counted), and images/s over its wall time, for all workers
 together and per worker (data-parallel workers move in lockstep, so rank 0's clock times them all).
-Throughput for the run (``images_per_s``) leaves out the first window, which holds start-up costs
-(loader processes, lazy initialisation), and the loop restarts the clock after evaluations and
-checkpoints, so it measures training alone.
+The sums stay on the device (``add`` reads nothing back: no host synchronisation on ordinary steps);
+``close`` reads them once. Throughput for the run (``images_per_s``) leaves out the first window,
+which holds start-up costs (loader processes, lazy initialisation, compilation), and the loop restarts
+the clock after evaluations and checkpoints, so it measures training alone.
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from __future__ import annotations
 import math
 import time
 
+import torch
+
 from pipeline.step import StepResult
+
+NAMES = ("bits_per_dim", "regularizer", "grad_norm")
 
 
 class MetricWindow:
@@ -25,39 +30,40 @@ class MetricWindow:
         self._reset()
 
     def _reset(self) -> None:
-        self.sums = {"bits_per_dim": 0.0, "regularizer": 0.0, "grad_norm": 0.0}
-        self.finite, self.skipped = 0, 0
+        # sums of (bits/dim, regularizer, grad norm) over finite steps, then finite and skipped counts
+        self._totals: torch.Tensor | None = None
+        self.steps = 0
         self.restart_clock()
 
     def restart_clock(self) -> None:
         self._clock = time.perf_counter()
 
     def add(self, result: StepResult) -> None:
-        if result.skipped:
-            self.skipped += 1
-            return
-        self.finite += 1
-        self.sums["bits_per_dim"] += result.bits_per_dim
-        self.sums["regularizer"] += result.regularizer
-        self.sums["grad_norm"] += result.grad_norm
+        kept = ~result.skipped
+        values = torch.stack([result.bits_per_dim, result.regularizer, result.grad_norm]).double()
+        row = torch.cat([torch.where(kept, values, 0.0), torch.stack([kept, ~kept]).double()])
+        self._totals = row if self._totals is None else self._totals + row
+        self.steps += 1
 
     def close(self, step: int, *, lr: float, skipped_total: int) -> tuple[dict[str, float], str]:
         """(metrics for MLflow, the log line's text) of the window ending at ``step``; starts the next."""
+        totals = self._totals.tolist() if self._totals is not None else [0.0] * 5
+        sums, finite, skipped = dict(zip(NAMES, totals[:3], strict=True)), int(totals[3]), int(totals[4])
         seconds = max(time.perf_counter() - self._clock, 1e-9)
-        images = (self.finite + self.skipped) * self.images_per_step
+        images = self.steps * self.images_per_step
         if step > self.first_window_steps:
             self._steady_images += images
             self._steady_seconds += seconds
-        metrics = {f"train/{name}": total / self.finite for name, total in self.sums.items() if self.finite}
+        metrics = {f"train/{name}": total / finite for name, total in sums.items() if finite}
         metrics |= {
             "train/images_per_s": images / seconds,
             "train/images_per_s_per_worker": images / seconds / self.workers,
             "train/lr": lr,
             "train/skipped_steps": float(skipped_total),
         }
-        bpd = f"{metrics['train/bits_per_dim']:.4f}" if self.finite else "nan"
+        bpd = f"{metrics['train/bits_per_dim']:.4f}" if finite else "nan"
         text = f"bits/dim {bpd} | {images / seconds:.1f} images/s | lr {lr:.2e}"
-        text += f" | skipped {self.skipped}" if self.skipped else ""
+        text += f" | skipped {skipped}" if skipped else ""
         self._reset()
         return metrics, text
 

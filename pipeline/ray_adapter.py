@@ -44,7 +44,7 @@ from pipeline.faults import NO_FAULTS, Faults
 from pipeline.logging_setup import configure_console, train_logging_config
 from pipeline.loop import FitResult, fit
 from pipeline.placement_group_release import ReleasePlacementGroupOnControllerExit
-from pipeline.runtime import Runtime
+from pipeline.runtime import Runtime, with_sync_batchnorm
 from pipeline.train_state import check_resume
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,7 @@ class RayRuntime(Runtime):
         self.device = ray.train.torch.get_device()
         self._run_dir = checkpoint_root(cfg) / cfg.run.name
         self._async_upload = cfg.run.async_checkpoints
+        self._sync_batchnorm = cfg.ray.sync_batchnorm
 
     @property
     def _distributed(self) -> bool:
@@ -144,6 +145,8 @@ class RayRuntime(Runtime):
     def wrap(self, module: nn.Module) -> nn.Module:
         if not self._distributed:
             return module  # one worker: DDP would only add its hooks
+        if self._sync_batchnorm:
+            module = with_sync_batchnorm(module, self.device)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=device_ids)
 

@@ -35,6 +35,22 @@ def default_device() -> torch.device:
     )
 
 
+def with_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` with every BatchNorm replaced by ``torch.nn.SyncBatchNorm`` (in place for children;
+    same parameters, buffers and state_dict keys), so a training forward normalises with the
+    statistics of all ranks' images together (DenseFlow at 4 images per GPU x 8 GPUs: the authors'
+    32). torch 2.14's SyncBatchNorm synchronises CUDA (and XPU/HPU) tensors only: under a gloo
+    process group on CPU it raises in training, so CPU workers are refused here (``ray.sync_batchnorm``).
+    Outside training (eval) and in one process it is plain BatchNorm.
+    """
+    if device.type not in ("cuda", "xpu", "hpu"):
+        raise ValueError(
+            f"ray.sync_batchnorm: torch's SyncBatchNorm needs GPU workers, these run on {device.type}; "
+            "set ray.sync_batchnorm=false (each worker then normalises its own batch)"
+        )
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
 class Runtime:
     """The interface (and the trivial world-size-1 behaviour of the collectives)."""
 

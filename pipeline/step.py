@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -41,16 +40,20 @@ class TrainingObjective(nn.Module):
 
 @dataclass(kw_only=True)
 class StepResult:
-    bits_per_dim: float
-    regularizer: float
-    grad_norm: float
-    skipped: bool
+    """One step's numbers as 0-dim device tensors: reading them is a host synchronisation, so the
+    loop accumulates them on the device (``MetricWindow``) and reads them at log steps only."""
+
+    bits_per_dim: Tensor
+    regularizer: Tensor
+    grad_norm: Tensor
+    skipped: Tensor  # bool: no update was applied (identical on every rank)
 
 
 # ------------------------------------------------------------------------------ optimisation
 def global_batch(cfg: TrainConfig) -> int:
-    """Images per optimizer step over all workers: ``data.batch_size`` is per worker."""
-    return cfg.data.batch_size * cfg.ray.num_workers
+    """Images per optimizer step over all workers: ``data.batch_size`` (per worker and micro-batch)
+    x ``ray.num_workers`` x ``optim.accumulate``."""
+    return cfg.data.batch_size * cfg.ray.num_workers * cfg.optim.accumulate
 
 
 def learning_rate(cfg: TrainConfig) -> float:
@@ -66,18 +69,20 @@ def learning_rate(cfg: TrainConfig) -> float:
         )
         warnings.warn(
             f"global batch {batch} (data.batch_size {cfg.data.batch_size} x ray.num_workers "
-            f"{cfg.ray.num_workers}) differs from the recipe's optim.reference_batch {o.reference_batch}; "
-            f"{what}",
+            f"{cfg.ray.num_workers} x optim.accumulate {cfg.optim.accumulate}) differs from the recipe's "
+            f"optim.reference_batch {o.reference_batch}; {what}",
             UserWarning,
             stacklevel=2,
         )
     return lr
 
 
-def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, **options) -> torch.optim.Optimizer:
+    """Adam or Adamax; ``options``: kernel choices (``fused``, ``foreach``, ``capturable``;
+    pipeline/device_settings.py:optimizer_options)."""
     o = cfg.optim
     cls = torch.optim.Adam if o.name == "adam" else torch.optim.Adamax
-    return cls(params, lr=learning_rate(cfg), betas=o.betas, weight_decay=o.weight_decay)
+    return cls(params, lr=learning_rate(cfg), betas=o.betas, weight_decay=o.weight_decay, **options)
 
 
 def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
@@ -115,29 +120,81 @@ def train_step(
     runtime: Runtime,
     poison: bool = False,
 ) -> StepResult:
-    """One optimisation step on a uint8 batch (B, C, H, W); skipped (no update) if any rank's loss
-    or the global gradient norm is non-finite (then neither the optimizer nor the scheduler moves)."""
+    """One optimisation step on a uint8 batch (B, C, H, W), with no host synchronisation.
+
+    With ``optim.accumulate`` k the batch holds k micro-batches of ``data.batch_size`` (the per-GPU
+    batch); each runs forward and backward in turn (under DDP's ``no_sync`` but the last), and the
+    gradients of their mean loss make one optimizer step. The returned bits/dim is their mean.
+
+    The step is skipped (parameters and optimizer state unchanged) if any rank's loss or the global
+    gradient norm is non-finite. The decision is a device tensor, the same on every rank (the loss
+    flag is all-reduced, the norm is global), applied by ``skippable_step`` without reading it back.
+    The scheduler always advances; ``TrainState.settle`` (at log steps) winds it back by the skipped
+    steps, so skips do not eat warm-up.
+    """
     optimizer.zero_grad(set_to_none=True)
-    with autocast_for(cfg, runtime.device):
-        bpd, reg = objective(batch)
-    loss = training_loss(bpd, reg, cfg.loss.sigma)
-    if poison:
-        loss = loss * float("nan")
-    loss.backward()
+    micro_batches = batch.chunk(cfg.optim.accumulate)
+    assert len(micro_batches) == cfg.optim.accumulate, "the loader's batch holds accumulate micro-batches"
+    bpd_sum, reg_sum, nonfinite = None, None, None
+    for i, micro in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        # DDP all-reduces the gradients in the last micro-batch's backward only
+        with contextlib.nullcontext() if last or not hasattr(objective, "no_sync") else objective.no_sync():
+            with autocast_for(cfg, runtime.device):
+                bpd, reg = objective(micro)
+            loss = training_loss(bpd, reg, cfg.loss.sigma)
+            if poison:
+                loss = loss * float("nan")
+            (loss / len(micro_batches)).backward()  # equal micro-batches: the mean of their means
+        bad = ~torch.isfinite(loss.detach())
+        bpd_mean, reg_value = bpd.detach().float().mean(), reg.detach().float()
+        nonfinite = bad if nonfinite is None else nonfinite | bad
+        bpd_sum = bpd_mean if bpd_sum is None else bpd_sum + bpd_mean
+        reg_sum = reg_value if reg_sum is None else reg_sum + reg_value
     params = [p for p in objective.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip_norm)
     # Every rank must take the same decision; the gradient norm is global already, the loss is not.
-    bad = runtime.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
-    parts = (grad_norm, bpd.float().mean(), reg.float())
-    values = torch.cat([bad, *(p.detach().float().reshape(1) for p in parts)])
-    bad_ranks, norm, bpd_value, reg_value = values.tolist()
-    skipped = bad_ranks > 0 or not math.isfinite(norm)
-    if skipped:
-        optimizer.zero_grad(set_to_none=True)
-    else:
-        optimizer.step()
-        scheduler.step()  # the schedule counts updates, so a skipped step does not eat warm-up
-    return StepResult(bits_per_dim=bpd_value, regularizer=reg_value, grad_norm=norm, skipped=skipped)
+    bad = runtime.all_reduce_sum(nonfinite.float().reshape(1))
+    skipped = (bad[0] > 0) | ~torch.isfinite(grad_norm.detach())
+    skippable_step(optimizer, skipped)
+    scheduler.step()
+    return StepResult(
+        bits_per_dim=bpd_sum / len(micro_batches),
+        regularizer=reg_sum / len(micro_batches),
+        grad_norm=grad_norm.detach().float(),
+        skipped=skipped,
+    )
+
+
+def skippable_step(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
+    """``optimizer.step()`` unless the 0-dim bool device tensor ``skip``, decided without reading it.
+
+    An optimizer that takes ``found_inf`` (fused Adam; torch.amp.GradScaler's protocol) skips in its
+    kernel. Otherwise the step runs, and parameters and optimizer state are then restored from a
+    copy taken before it with ``torch.where`` (exact; non-finite values the step wrote are discarded,
+    and state created by this step is restored to its initial zeros). The copy costs about three
+    times the parameters' memory for Adam and Adamax. On CUDA the step counters must live on the
+    device (``capturable``, which ``gpu.fused_optimizer`` sets), else restoring them copies to the host.
+    """
+    if getattr(optimizer, "_step_supports_amp_scaling", False) and optimizer.defaults.get("fused"):
+        optimizer.found_inf = skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        states = [{k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)} for p in params]
+    optimizer.step()
+    with torch.no_grad():
+        for p, old, state in zip(params, saved, states, strict=True):
+            p.copy_(torch.where(skip, old, p))
+            for key, value in optimizer.state[p].items():
+                if torch.is_tensor(value):
+                    before = state.get(key)
+                    value.copy_(torch.where(skip, before if before is not None else 0, value))
 
 
 @torch.no_grad()

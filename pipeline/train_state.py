@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from flows import build_flow
+from flows import FlowModel, build_flow
 from flows.strategies import legacy_split_keys
 from pipeline.checkpoint import (
     checkpoint_name,
@@ -41,6 +41,8 @@ from pipeline.config import (
     migrate_moved_keys,
 )
 from pipeline.config_loading import flatten
+from pipeline.device_settings import DeviceSettings, optimizer_options
+from pipeline.ema import WeightAverage
 from pipeline.rng import rng_state, set_rng_state
 from pipeline.runtime import Runtime
 from pipeline.step import StepResult, lr_factor, make_optimizer
@@ -133,16 +135,27 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainState:
-    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+    def __init__(
+        self, cfg: TrainConfig, device: torch.device, *, settings: DeviceSettings | None = None
+    ) -> None:
         self.cfg, self.device = cfg, device
         self.flow = build_flow(cfg.model).to(device)
-        self.optimizer = make_optimizer(self.flow.parameters(), cfg)
+        if settings is not None and settings.channels_last:
+            self.flow.to(memory_format=torch.channels_last)
+        options = optimizer_options(settings, cfg.optim.name) if settings is not None else {}
+        self.optimizer = make_optimizer(self.flow.parameters(), cfg, **options)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg))
         self.step = 0  # optimizer steps taken (skipped ones included)
         self.skipped_steps = 0
         self.nonfinite_in_row = 0
+        # device counters since the last ``settle``: skips, the current and the longest run of them
+        self._skips: torch.Tensor | None = None
+        self._in_row: torch.Tensor | None = None
+        self._worst_in_row: torch.Tensor | None = None
         self.mlflow_run_id: str | None = None
         self.test_bits_per_dim = math.nan
+        self.test_bits_per_dim_ema = math.nan
+        self.ema: WeightAverage | None = None  # optim.ema_decay: started by ``start_ema`` or a resume
         self.resumed_from: int | None = None  # the checkpoint's step, when this process resumed one
         self.resume_tags: dict[str, str] = {}  # for MLflow: a fallback, changed settings
 
@@ -160,6 +173,10 @@ class TrainState:
         changes = check_resume_config(found.state["config"], self.cfg, source=found.directory)
         saved, directory = found.state, found.directory
         self.flow.load_state_dict(saved["model"])
+        if self.cfg.optim.ema_decay is not None and saved.get("ema") is not None:
+            self.ema = WeightAverage(self.flow, self.cfg.optim.ema_decay)
+            self.ema.load_state_dict(saved["ema"])  # else (EMA new on this resume) start_ema starts it
+        self.test_bits_per_dim_ema = saved.get("test_bits_per_dim_ema", math.nan)
         self._load_optimizer(saved)
         self.step = self.resumed_from = saved["step"]
         self.skipped_steps = saved["skipped_steps"]
@@ -184,30 +201,76 @@ class TrainState:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])  # keeps this config's lr_lambdas (functions)
         self.scheduler.base_lrs = base_lrs
-        step, lambdas = self.scheduler.last_epoch, self.scheduler.lr_lambdas
-        for group, settings, base, factor in zip(
-            self.optimizer.param_groups, fresh, base_lrs, lambdas, strict=True
-        ):
-            group.update(settings, lr=base * factor(step))
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr reports
+        for group, settings in zip(self.optimizer.param_groups, fresh, strict=True):
+            group.update(settings)
+            # fused/capturable kernels keep the step counter with the parameter, the others on the host
+            on_device = group.get("fused") or group.get("capturable")
+            for p in group["params"]:
+                state = self.optimizer.state.get(p, {})
+                if torch.is_tensor(state.get("step")):
+                    where = p.device if on_device else torch.device("cpu")
+                    state["step"] = state["step"].to(where, torch.float32)
+        self._set_schedule_position(self.scheduler.last_epoch)
 
-    def count(self, result: StepResult, *, checkpoint_dir: Path) -> None:
-        """One more step done; NonFiniteLossError after ``run.max_nonfinite_in_row`` skipped in a row."""
+    def start_ema(self) -> None:
+        """Start the weight average (``optim.ema_decay``) from the current weights, unless a resume
+        loaded it. Call after ActNorm's initialisation and the DDP broadcast, on every rank."""
+        if self.cfg.optim.ema_decay is not None and self.ema is None:
+            self.ema = WeightAverage(self.flow, self.cfg.optim.ema_decay)
+
+    def registered_flow(self) -> tuple[FlowModel, float]:
+        """(the flow to log and register, its test bits/dim): ``mlflow.register_weights``."""
+        if self.ema is not None and self.cfg.mlflow.register_weights in ("auto", "ema"):
+            return self.ema.ready(), self.test_bits_per_dim_ema
+        return self.flow, self.test_bits_per_dim
+
+    def count(self, result: StepResult) -> None:
+        """One more step done. Skips are counted on the device (no host read); ``settle`` reads them."""
         self.step += 1
-        if not result.skipped:
-            self.nonfinite_in_row = 0
+        skipped = result.skipped.to(torch.int64)
+        if self._skips is None:
+            self._skips, self._in_row, self._worst_in_row = (torch.zeros_like(skipped) for _ in range(3))
+            self._in_row += self.nonfinite_in_row
+        self._skips += skipped
+        self._in_row.add_(skipped).mul_(skipped)  # the run of skipped steps, 0 after an update
+        torch.maximum(self._worst_in_row, self._in_row, out=self._worst_in_row)
+
+    def settle(self, *, checkpoint_dir: Path) -> None:
+        """Read the skip counters (one host synchronisation; log steps, checkpoints, the end): add the
+        new skips to ``skipped_steps``, wind the schedule back by them (it counts updates, so a
+        skipped step does not eat warm-up), and raise NonFiniteLossError once
+        ``run.max_nonfinite_in_row`` steps in a row were skipped."""
+        if self._skips is None:
             return
-        self.skipped_steps += 1
-        self.nonfinite_in_row += 1
-        if self.nonfinite_in_row >= self.cfg.run.max_nonfinite_in_row:
+        new, in_row, worst = (
+            int(v) for v in torch.stack([self._skips, self._in_row, self._worst_in_row]).tolist()
+        )
+        self._skips.zero_()
+        self._worst_in_row.copy_(self._in_row)
+        self.nonfinite_in_row = in_row
+        if new:
+            self.skipped_steps += new
+            self._set_schedule_position(self.scheduler.last_epoch - new)
+        if worst >= self.cfg.run.max_nonfinite_in_row:
             raise NonFiniteLossError(
-                f"loss or gradient non-finite for {self.nonfinite_in_row} steps in a row (step {self.step}); "
+                f"loss or gradient non-finite for {worst} steps in a row (by step {self.step}); "
                 f"stopping. The last good checkpoint is intact in {checkpoint_dir}; lower optim.lr, raise "
                 "optim.warmup_steps or check the data, then re-run to resume."
             )
 
+    def _set_schedule_position(self, updates: int) -> None:
+        """The learning-rate schedule at ``updates`` optimizer updates (this config's base lrs)."""
+        self.scheduler.last_epoch = updates
+        for group, base, factor in zip(
+            self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(updates)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # get_last_lr's
+
     def snapshot(self, runtime: Runtime) -> dict:
-        """Everything a restart needs, as plain containers of tensors and numbers. Collective."""
+        """Everything a restart needs, as plain containers of tensors and numbers. Collective; settles
+        the skip counters first (NonFiniteLossError then stops the run before the checkpoint)."""
+        self.settle(checkpoint_dir=runtime.run_dir)
         rngs = runtime.all_gather_object(rng_state(self.device))
         return {
             "step": self.step,
@@ -219,6 +282,8 @@ class TrainState:
             "mlflow_run_id": self.mlflow_run_id,
             "skipped_steps": self.skipped_steps,
             "test_bits_per_dim": self.test_bits_per_dim,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "test_bits_per_dim_ema": self.test_bits_per_dim_ema,
         }
 
     def save(self, runtime: Runtime, snapshot: dict, *, metrics: dict) -> None:

@@ -323,6 +323,7 @@ class EIWShuffleSplit(FreezableStrategy):
         self.register_buffer("num_transitions", torch.tensor(0))
         self.register_buffer("num_kept_changes", torch.tensor(0))
         self._last_regularization: Tensor | None = None
+        self._seen_step: int | None = None  # last_step's value, once read (see ``advance``)
 
     # ------------------------------------------------------------------ the permutation
     def channel_log_weights(self) -> Tensor:
@@ -384,16 +385,22 @@ class EIWShuffleSplit(FreezableStrategy):
             kept = torch.zeros_like(logits)
             kept[self.held_perm[: self.num_keep]] = 1.0
             candidate = sort_descending(logits + self.hysteresis_margin * kept)
-            if not torch.equal(
-                candidate[: self.num_keep].sort().values, self.held_perm[: self.num_keep].sort().values
-            ):
-                self.held_perm.copy_(candidate)
+            # Decided on the device (no host read per step): a new order only when the kept set changed.
+            moved = (
+                candidate[: self.num_keep].sort().values != self.held_perm[: self.num_keep].sort().values
+            ).any()
+            self.held_perm.copy_(torch.where(moved, candidate, self.held_perm))
 
     def advance(self, step: int) -> None:
         """Once per optimizer step (idempotent for a given step): freeze at the configured step, update
         a stabilised order, and record whether the kept set changed (for ``diagnostics``)."""
-        if step <= int(self.last_step):
+        # The last step seen, mirrored on the host so that an ordinary step reads nothing back from
+        # the device; the buffer is read once after construction or a state_dict load.
+        seen = self._seen_step if self._seen_step is not None else int(self.last_step)
+        if step <= seen:
+            self._seen_step = seen
             return
+        self._seen_step = step
         self.last_step.fill_(step)
         if not self._is_frozen and self.freeze_after_steps is not None and step >= self.freeze_after_steps:
             self.freeze()
@@ -401,11 +408,12 @@ class EIWShuffleSplit(FreezableStrategy):
             self._stabilise()
         with torch.no_grad():
             kept = self.permutation()[: self.num_keep].sort().values
-            changed = not torch.equal(kept, self.last_kept)
+            changed = (kept != self.last_kept).any()  # on the device: read at log steps only
             self.last_kept.copy_(kept)
-            self.churn_ema.mul_(CHURN_MOMENTUM).add_(float(changed) * (1.0 - CHURN_MOMENTUM))
+            step_churn = changed.to(self.churn_ema.dtype) * (1.0 - CHURN_MOMENTUM)
+            self.churn_ema.mul_(CHURN_MOMENTUM).add_(step_churn)
             self.num_transitions.add_(1)
-            self.num_kept_changes.add_(int(changed))
+            self.num_kept_changes.add_(changed.to(self.num_kept_changes.dtype))
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
@@ -427,6 +435,7 @@ class EIWShuffleSplit(FreezableStrategy):
 
     # ------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        self._seen_step = None  # last_step comes from the state_dict: read it again
         if prefix + "generator.code" in state_dict and self.generator_kind != "code":
             raise ValueError(
                 f"{prefix.rstrip('.')}: this checkpoint holds this project's first EIW Shuffle (a learned "
