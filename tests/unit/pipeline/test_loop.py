@@ -22,7 +22,7 @@ from pipeline.loop import FitResult, NonFiniteLossError, fit
 from pipeline.runtime import LocalRuntime
 from pipeline.step import TrainingObjective, evaluate, lr_factor, make_optimizer, train_step
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 @pytest.fixture(scope="module", autouse=True)

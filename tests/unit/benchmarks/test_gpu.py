@@ -16,7 +16,7 @@ import torch
 
 from pipeline.config import load_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def load_benchmark():

@@ -12,7 +12,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.step import global_batch, learning_rate, make_optimizer
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 def config(*overrides: str):

@@ -45,8 +45,8 @@ from pipeline.train_state import (
     is_fixed_on_resume,
 )
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module", autouse=True)

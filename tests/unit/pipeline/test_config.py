@@ -11,7 +11,7 @@ import pytest
 from pipeline.config import TrainConfig, config_to_yaml, load_config, resolve
 from pipeline.config_loading import flatten, parse_override, revise, validate, with_overrides
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 SHIPPED = ("tiny", "sample", "imagenet64", "lsun_bedroom64")
 
 
