@@ -34,19 +34,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", message="torch.lu is deprecated")
 
-import denseflow_authors as dense  # noqa: E402
-from memory import run_child, saved_for_backward_mib, step_peak_mib  # noqa: E402
-
+from benchmarks import denseflow_authors as dense  # noqa: E402
+from benchmarks.common import run_child  # noqa: E402
+from benchmarks.memory import saved_for_backward_mib, step_peak_mib  # noqa: E402
 from flows import FlowConfig, build_flow, initialize_actnorm, training_loss  # noqa: E402
 
 SIGMA = 1e-3  # the trainer's loss.sigma default (pipeline/config.py LossConfig)
@@ -183,12 +180,12 @@ def peak_memory_child(args: argparse.Namespace) -> None:
 def peak_memory(args: argparse.Namespace, name: str) -> dict[str, float]:
     argv = ["--child", name, "--device", args.device]
     if args.denseflow:
-        return run_child(__file__, argv + dense.child_argv(args))
+        return run_child(__spec__.name, argv + dense.child_argv(args))
     for key in ("levels", "steps", "hidden", "batch", "size", "threads"):
         if getattr(args, key) is None:
             continue
         argv += [f"--{key}", str(getattr(args, key))]
-    return run_child(__file__, argv)
+    return run_child(__spec__.name, argv)
 
 
 def main() -> None:
@@ -248,8 +245,7 @@ def main() -> None:
 
 def denseflow_table(args: argparse.Namespace) -> None:
     """Ours against the authors' DenseFlow: per-round ratios and memory, one process per peak."""
-    code = dense.locate_authors_code(args.authors_code)
-    args.authors_code = str(code) if code else None
+    args.authors_code = str(dense.locate_authors_code(args.authors_code))
     names = dense.names(args)
     models: dict = {}
     times = time_steps(args, names, models)

@@ -54,10 +54,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from gpu_inputs import (  # noqa: E402
+from benchmarks.gpu_inputs import (
     DENSEFLOW_LAYERS,
     DENSEFLOW_REDUCED_LAYERS,
     RECIPE_STEPS_PER_LEVEL,
@@ -69,9 +66,8 @@ from gpu_inputs import (  # noqa: E402
     shard_images,
     synthetic_images,
 )
-from gpu_report import Row, markdown  # noqa: E402
-
-from flows import FlowConfig, FlowModel, build_flow, initialize_actnorm, training_loss  # noqa: E402
+from benchmarks.gpu_report import Row, markdown
+from flows import FlowConfig, FlowModel, build_flow, initialize_actnorm, training_loss
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 MODELS = ("glow", "denseflow")

@@ -34,22 +34,19 @@ import time
 import urllib.request
 from pathlib import Path
 
-if __name__ == "__main__" and "OMP_NUM_THREADS" not in os.environ:
-    _pre = argparse.ArgumentParser(add_help=False)
-    _pre.add_argument("--threads", type=int, default=1)
-    os.environ["OMP_NUM_THREADS"] = str(max(1, _pre.parse_known_args()[0].threads))
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+from benchmarks.common import pin_openmp_threads
 
-import torch  # noqa: E402
+if __name__ == "__main__":
+    pin_openmp_threads(__spec__.name)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-from flows import build_flow, initialize_actnorm  # noqa: E402
-from pipeline.config import MlflowConfig, TrainConfig, load_config  # noqa: E402
-from pipeline.metric_window import MetricWindow  # noqa: E402
-from pipeline.runtime import Runtime  # noqa: E402
-from pipeline.step import TrainingObjective, lr_factor, make_optimizer, train_step  # noqa: E402
-from pipeline.tracking import Tracker  # noqa: E402
+from flows import build_flow, initialize_actnorm
+from pipeline.config import MlflowConfig, TrainConfig, load_config
+from pipeline.metric_window import MetricWindow
+from pipeline.runtime import Runtime
+from pipeline.step import TrainingObjective, lr_factor, make_optimizer, train_step
+from pipeline.tracking import Tracker
 
 MODES = ("off", "sync", "async", "async + system")
 
@@ -66,7 +63,7 @@ def start_server(root: Path) -> tuple[subprocess.Popen, str]:
     cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
            "--artifacts-destination", str(root / "artifacts")]  # fmt: skip
-    log = open(root / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
+    log = open(root / "server.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(360):

@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from memory import activations_mib  # noqa: E402
-from photos import photos  # noqa: E402
-
-from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm, training_loss  # noqa: E402
-from flows.coupling import AffineCoupling  # noqa: E402
-from flows.invertible import reconstruction_error  # noqa: E402
+from benchmarks.common import photos
+from benchmarks.memory import activations_mib
+from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm, training_loss
+from flows.coupling import AffineCoupling
+from flows.invertible import reconstruction_error
 
 SIGMA = 1e-3  # the trainer's loss.sigma default (pipeline/config.py LossConfig)
 

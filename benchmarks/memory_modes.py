@@ -56,18 +56,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from memory import activations_mib, run_child, saved_for_backward_mib, step_peak_mib  # noqa: E402
-from photos import photos  # noqa: E402
-
-from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm, training_loss  # noqa: E402
+from benchmarks.common import (
+    photos,
+    run_child,
+)
+from benchmarks.memory import activations_mib, saved_for_backward_mib, step_peak_mib
+from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm, training_loss
 
 SIGMA = 1e-3  # the trainer's loss.sigma default (pipeline/config.py LossConfig)
 
@@ -167,7 +165,7 @@ def memory_numbers(args: argparse.Namespace, mode: str, k: int) -> dict[str, flo
     argv = ["--child", f"{mode}:{k}", "--device", args.device, "--split", args.split]
     for key in ("levels", "hidden", "batch", "size", "threads"):
         argv += [f"--{key}", str(getattr(args, key))]
-    return run_child(__file__, argv)
+    return run_child(__spec__.name, argv)
 
 
 def memory_table(args: argparse.Namespace) -> None:
@@ -206,7 +204,6 @@ def memory_table(args: argparse.Namespace) -> None:
 def recipe_memory(args: argparse.Namespace, config: str) -> None:
     """Stored activations (forward only, parameters excluded) of a recipe config's model at batch
     ``--recipe-batch`` in float32 and under bf16 autocast, per memory mode; linear in the batch."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from pipeline.config import load_config
 
     cfg = load_config(config)

@@ -31,17 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from memory import run_child, saved_for_backward_mib, step_peak_mib  # noqa: E402
-
-from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm, training_loss  # noqa: E402
+from benchmarks.common import run_child
+from benchmarks.memory import saved_for_backward_mib, step_peak_mib
+from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm, training_loss
 
 SIGMA = 1e-3  # the trainer's loss.sigma default (pipeline/config.py LossConfig)
 
@@ -143,7 +139,7 @@ def peak_memory(args: argparse.Namespace, variant: str) -> dict[str, float]:
     argv = ["--child", variant, "--device", args.device]
     for key in ("levels", "steps", "hidden", "batch", "size", "threads"):
         argv += [f"--{key}", str(getattr(args, key))]
-    return run_child(__file__, argv)
+    return run_child(__spec__.name, argv)
 
 
 def main() -> None:
