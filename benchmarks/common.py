@@ -84,12 +84,15 @@ def setup_line(args: argparse.Namespace, **extra: object) -> str:
     return " ".join(words + [f"{k}={v}" for k, v in extra.items()])
 
 
-def print_table(header: list[str], rows: list[list[object]]) -> None:
-    """A Markdown table, flushed row by row (long benchmarks show progress)."""
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(str(cell) for cell in row) + " |", flush=True)
+def table_header(*columns: str) -> None:
+    """A Markdown table's header and separator lines; the rows follow as ``table_row`` prints them."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+
+
+def table_row(*cells: object) -> None:
+    """One Markdown table row, flushed (a long benchmark shows each row as it is measured)."""
+    print("| " + " | ".join(str(cell) for cell in cells) + " |", flush=True)
 
 
 @functools.cache

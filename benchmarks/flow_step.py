@@ -42,10 +42,11 @@ import torch
 warnings.filterwarnings("ignore", message="torch.lu is deprecated")
 
 from benchmarks import denseflow_authors as dense  # noqa: E402
-from benchmarks.common import run_child  # noqa: E402
+from benchmarks.common import forward_options, run_child, set_cpu_threads, setup_line  # noqa: E402
 from benchmarks.memory import saved_for_backward_mib, step_peak_mib  # noqa: E402
 from flows import FlowConfig, build_flow, initialize_actnorm, training_loss  # noqa: E402
 
+CHILD_OPTIONS = ("levels", "steps", "hidden", "batch", "size", "threads")  # the parent's, for a child
 SIGMA = 1e-3  # the trainer's loss.sigma default (pipeline/config.py LossConfig)
 
 
@@ -181,11 +182,7 @@ def peak_memory(args: argparse.Namespace, name: str) -> dict[str, float]:
     argv = ["--child", name, "--device", args.device]
     if args.denseflow:
         return run_child(__spec__.name, argv + dense.child_argv(args))
-    for key in ("levels", "steps", "hidden", "batch", "size", "threads"):
-        if getattr(args, key) is None:
-            continue
-        argv += [f"--{key}", str(getattr(args, key))]
-    return run_child(__spec__.name, argv)
+    return run_child(__spec__.name, argv + forward_options(args, CHILD_OPTIONS))
 
 
 def main() -> None:
@@ -205,8 +202,7 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     dense.add_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads)
     if args.child:
         peak_memory_child(args)
         return
@@ -218,9 +214,10 @@ def main() -> None:
     if not args.no_compile:
         names.append("ours-gaussian-compiled")
     print(
-        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-        f"L={args.levels} K={args.steps} hidden={args.hidden} batch={args.batch} "
-        f"image=3x{args.size}x{args.size}"
+        setup_line(
+            args, L=args.levels, K=args.steps, hidden=args.hidden, batch=args.batch,
+            image=f"3x{args.size}x{args.size}",
+        )
     )
     times = {n: statistics.median(t) for n, t in time_steps(args, names).items()}
     memory = {n: peak_memory(args, n) for n in names}
@@ -250,8 +247,9 @@ def denseflow_table(args: argparse.Namespace) -> None:
     models: dict = {}
     times = time_steps(args, names, models)
     print(
-        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-        f"batch={args.batch} image=3x{args.size}x{args.size} rounds={args.rounds} warmup={args.warmup}"
+        setup_line(
+            args, batch=args.batch, image=f"3x{args.size}x{args.size}", rounds=args.rounds, warmup=args.warmup
+        )
     )
     print(dense.describe(args, models))
     memory = {n: peak_memory(args, n) for n in names}

@@ -34,7 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchmarks.common import pin_openmp_threads
+from benchmarks.common import pin_openmp_threads, set_cpu_threads
 
 if __name__ == "__main__":
     pin_openmp_threads(__spec__.name)
@@ -145,8 +145,7 @@ def main() -> int:
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(args.config or repo / "configs" / "sample.yaml", args.overrides)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads, device.type)
     torch.manual_seed(0)
     flow = build_flow(cfg.model).to(device)
     g = torch.Generator().manual_seed(0)

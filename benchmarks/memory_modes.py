@@ -60,10 +60,7 @@ import time
 
 import torch
 
-from benchmarks.common import (
-    photos,
-    run_child,
-)
+from benchmarks.common import forward_options, photos, run_child, set_cpu_threads, setup_line, table_header
 from benchmarks.memory import activations_mib, saved_for_backward_mib, step_peak_mib
 from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm, training_loss
 
@@ -163,16 +160,16 @@ def memory_numbers(args: argparse.Namespace, mode: str, k: int) -> dict[str, flo
     # threshold returns every large block on free: RSS then follows the live tensors.
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     argv = ["--child", f"{mode}:{k}", "--device", args.device, "--split", args.split]
-    for key in ("levels", "hidden", "batch", "size", "threads"):
-        argv += [f"--{key}", str(getattr(args, key))]
+    argv += forward_options(args, ("levels", "hidden", "batch", "size", "threads"))
     return run_child(__spec__.name, argv)
 
 
 def memory_table(args: argparse.Namespace) -> None:
     print(
-        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-        f"L={args.levels} K={args.steps} hidden={args.hidden} batch={args.batch} "
-        f"image=3x{args.size}x{args.size} split={args.split} rounds={args.rounds}",
+        setup_line(
+            args, L=args.levels, K=args.steps, hidden=args.hidden, batch=args.batch,
+            image=f"3x{args.size}x{args.size}", split=args.split, rounds=args.rounds,
+        ),
         flush=True,
     )
     # Memory first: a child's ru_maxrss starts at its parent's high-water RSS (Linux carries it over
@@ -181,11 +178,10 @@ def memory_table(args: argparse.Namespace) -> None:
     times, ratios = time_steps(args)
     step_name = "step ms (wall)" if args.device == "cuda" else "step ms (CPU)"
     peak_name = "peak alloc MiB" if args.device == "cuda" else "peak RSS+ MiB"
-    print(
-        f"| K | memory | parameters MiB | saved MiB (all) | activations MiB | x standard | {peak_name} "
-        f"| x standard | {step_name} | x standard |"
+    table_header(
+        "K", "memory", "parameters MiB", "saved MiB (all)", "activations MiB", "x standard", peak_name,
+        "x standard", step_name, "x standard",
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
     for k in args.steps:
         ref = memory[("standard", k)]
         for mode in MODES:
@@ -263,8 +259,7 @@ def main() -> None:
     parser.add_argument("--recipe-batch", type=int, default=2)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads, args.device)
     if args.child:
         memory_child(args)
     elif args.drift:
