@@ -1,7 +1,7 @@
 """bf16 autocast vs float32 on trained small Glow and DenseFlow models (CPU): bits/dim and gradients.
 
-    python benchmarks/bf16_parity.py                 # ~5 minutes on the 2-core VM
-    python benchmarks/bf16_parity.py --train-steps 20 --batch 8   # a quick look
+    python -m benchmarks.bf16_parity                 # ~5 minutes on the 2-core VM
+    python -m benchmarks.bf16_parity --train-steps 20 --batch 8   # a quick look
 
 Each model (a small Glow: affine couplings, Gaussian split prior; a small DenseFlow: dense blocks with
 Nystrom attention, cross-unit noise, variational dequantization) is first trained ``--train-steps``

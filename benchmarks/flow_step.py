@@ -1,6 +1,6 @@
 """Training-step time and peak memory of our Glow against normflows' Glow at the same architecture.
 
-    python benchmarks/flow_step.py [--device cpu|cuda] [--levels 3 --steps 8 --hidden 128]
+    python -m benchmarks.flow_step [--device cpu|cuda] [--levels 3 --steps 8 --hidden 128]
                                    [--batch 16 --size 32]
 
 One training step = dequantize + forward + bits/dim loss + backward + Adam step. Both models have L
@@ -19,7 +19,7 @@ normflows is an optional dependency (`pip install normflows`, the `bench` extra)
 DenseFlow rows (``--denseflow``, benchmarks/denseflow_authors.py): our ``base: denseflow`` against the
 EIW authors' DenseFlow (studying910/EIW-Flow, DIW-Flow/) at the same tiny configuration:
 
-    python benchmarks/flow_step.py --denseflow [--authors-code PATH/DIW-Flow] [--size 16 --batch 8]
+    python -m benchmarks.flow_step --denseflow [--authors-code PATH/DIW-Flow] [--size 16 --batch 8]
         [--units 2 2 1 --layers 1 1 2 --mid 16 16 16 --growth 4] [--checkpoint] [--threads 2]
 
 Step-time ratios are per round (ours / theirs in the same round), reported as median [min, max].

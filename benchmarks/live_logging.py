@@ -1,6 +1,6 @@
 """What live MLflow logging costs the training step, in one run.
 
-    python benchmarks/live_logging.py [--config configs/sample.yaml] [--log-every 20] [--segment 40]
+    python -m benchmarks.live_logging [--config configs/sample.yaml] [--log-every 20] [--segment 40]
         [--rounds 3] [--system-interval 1] [--tracking-uri URI] [--threads 1]
 
 Runs ``pipeline.step.train_step`` on the sample config's model (fixed synthetic batches) in segments

@@ -1,7 +1,7 @@
 """The accuracy side of ``model.memory: invertible`` (run through benchmarks/memory_modes.py):
 
-    python benchmarks/memory_modes.py --drift      # reconstruction error at the ImageNet-64 recipe depth
-    python benchmarks/memory_modes.py --paired 300 # standard and invertible trained side by side
+    python -m benchmarks.memory_modes --drift      # reconstruction error at the ImageNet-64 recipe depth
+    python -m benchmarks.memory_modes --paired 300 # standard and invertible trained side by side
 
 What each prints is described in benchmarks/memory_modes.py's docstring (``--drift``, ``--paired``).
 """

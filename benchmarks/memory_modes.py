@@ -1,9 +1,9 @@
 """Training memory and step time of ``model.memory`` = standard / invertible / checkpoint at growing depth.
 
-    python benchmarks/memory_modes.py [--device cpu|cuda] [--steps 4 8 16 32 --levels 3 --hidden 128]
-    python benchmarks/memory_modes.py --drift      # reconstruction error at the ImageNet-64 recipe depth
-    python benchmarks/memory_modes.py --paired 300 # standard and invertible trained side by side
-    python benchmarks/memory_modes.py --recipe-memory configs/imagenet64.yaml  # stored activations
+    python -m benchmarks.memory_modes [--device cpu|cuda] [--steps 4 8 16 32 --levels 3 --hidden 128]
+    python -m benchmarks.memory_modes --drift      # reconstruction error at the ImageNet-64 recipe depth
+    python -m benchmarks.memory_modes --paired 300 # standard and invertible trained side by side
+    python -m benchmarks.memory_modes --recipe-memory configs/imagenet64.yaml  # stored activations
 
 Every model is the same Glow (L levels of K steps, EIW split by default, same width, same images); only
 ``memory`` and K differ. One training step is what the training loop does: ``model.advance``,

@@ -1,6 +1,6 @@
 """Training-step time and peak memory of the EIW Shuffle and LCMA splits against the static split.
 
-    python benchmarks/strategy_overhead.py [--device cpu|cuda] [--levels 3 --steps 8 --hidden 128 --batch 16]
+    python -m benchmarks.strategy_overhead [--device cpu|cuda] [--levels 3 --steps 8 --hidden 128 --batch 16]
 
 All variants are the same Glow (L levels of K steps, same width, same images); only the split strategy
 differs. One training step is what the training loop does: ``model.advance``, dequantize,

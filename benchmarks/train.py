@@ -1,7 +1,7 @@
 """Training step cost of the plain loop against the Ray Train adapter, interleaved in one run.
 
-    python benchmarks/train.py [--config configs/sample.yaml] [--steps 10] [--rounds 8] [--threads N]
-    python benchmarks/train.py --checkpoint-stall [--checkpoint-every 10] [--storage s3://bucket/prefix]
+    python -m benchmarks.train [--config configs/sample.yaml] [--steps 10] [--rounds 8] [--threads N]
+    python -m benchmarks.train --checkpoint-stall [--checkpoint-every 10] [--storage s3://bucket/prefix]
 
 Every arm runs ``pipeline.step.train_step`` (forward, bits/dim + sigma * regularizer, backward, grad
 clipping, the cross-rank non-finite check, Adam step) on the same model and the same batches (fixed
