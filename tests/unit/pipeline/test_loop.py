@@ -23,14 +23,7 @@ from pipeline.runtime import LocalRuntime
 from pipeline.step import TrainingObjective, evaluate, lr_factor, make_optimizer, train_step
 from tests.unit.pipeline.tiny_run import tiny_config
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machines are small and shared: intra-op threads only fight each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
