@@ -1,7 +1,7 @@
 """bf16 autocast vs float32 on trained small Glow and DenseFlow models (CPU): bits/dim and gradients.
 
-    python benchmarks/bf16_parity.py                 # ~5 minutes on the 2-core VM
-    python benchmarks/bf16_parity.py --train-steps 20 --batch 8   # a quick look
+    python -m benchmarks.bf16_parity                 # ~5 minutes on the 2-core VM
+    python -m benchmarks.bf16_parity --train-steps 20 --batch 8   # a quick look
 
 Each model (a small Glow: affine couplings, Gaussian split prior; a small DenseFlow: dense blocks with
 Nystrom attention, cross-unit noise, variational dequantization) is first trained ``--train-steps``
@@ -30,27 +30,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import math
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import flows.bijection  # noqa: E402
-import flows.conditional_coupling  # noqa: E402
-import flows.coupling  # noqa: E402
-import flows.denseflow.block  # noqa: E402
-import flows.denseflow.coupling  # noqa: E402
-import flows.dequantization  # noqa: E402
-import flows.split  # noqa: E402
-from flows import (  # noqa: E402
+import flows.bijection
+import flows.conditional_coupling
+import flows.coupling
+import flows.denseflow.block
+import flows.denseflow.coupling
+import flows.dequantization
+import flows.split
+from benchmarks.gpu_inputs import synthetic_images
+from flows import (
     ActNorm,
     DenseFlowConfig,
     DequantizerConfig,
@@ -63,23 +59,12 @@ from flows import (  # noqa: E402
     initialize_actnorm,
     training_loss,
 )
-from flows.bijection import standard_normal_log_prob  # noqa: E402
-from flows.coupling import CouplingNet  # noqa: E402
-from flows.denseflow.attention import NystromAttention, PseudoInverse, _bmm_transposed, iterative_inverse  # noqa: E402
-from flows.denseflow.block import CrossUnitNoise  # noqa: E402
-from flows.denseflow.dense_net import DenseBlock, DenseNetMultihead  # noqa: E402
-from flows.dequantization import VariationalDequantizer  # noqa: E402
-
-
-def _synthetic_images():
-    spec = importlib.util.spec_from_file_location("benchmark_gpu", REPO / "benchmarks" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.synthetic_images
-
-
-synthetic_images = _synthetic_images()
+from flows.bijection import standard_normal_log_prob
+from flows.coupling import CouplingNet
+from flows.denseflow.attention import NystromAttention, PseudoInverse, _bmm_transposed, iterative_inverse
+from flows.denseflow.block import CrossUnitNoise
+from flows.denseflow.dense_net import DenseBlock, DenseNetMultihead
+from flows.dequantization import VariationalDequantizer
 
 
 # ------------------------------------------------------------------------------ models

@@ -1,5 +1,5 @@
 """Per-checkpoint stall of the training loop: writing in the training thread (before) against the
-background writer (after), in one run. Called by ``python benchmarks/train.py --checkpoint-stall``.
+background writer (after), in one run. Called by ``python -m benchmarks.train --checkpoint-stall``.
 
 Both halves run the plain loop's pieces on the same model and batches: ``train_step`` for every step
 and, every ``--checkpoint-every`` steps, ``TrainState.save(runtime, state.snapshot(runtime))`` on a

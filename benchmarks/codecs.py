@@ -1,6 +1,6 @@
 """Bits/dim that plain lossless codecs reach on a test split: where a flow stands against PNG and WebP.
 
-    python benchmarks/codecs.py [--data data/sample-32/test]
+    python -m benchmarks.codecs [--data data/sample-32/test]
 
 Each test image is compressed on its own (a density model also scores each image on its own), with
 the codecs' strongest lossless settings: PNG through zlib level 9 with Pillow's ``optimize`` (it

@@ -1,6 +1,6 @@
 """Data pipeline throughput: npz -> shards conversion, and shard reading through train_loader.
 
-    python benchmarks/data.py [--images 20000] [--workers 2] [--read-batches 150]
+    python -m benchmarks.data [--images 20000] [--workers 2] [--read-batches 150]
 
 Builds a synthetic ImageNet-64 release in a temp dir (official layout, uncompressed npz like the
 real files): 64x64 crops of scikit-image's bundled photographs at random scales, so PNG sizes and

@@ -1,9 +1,10 @@
 """DenseFlow rows of flow_step.py: our ``base: denseflow`` against the EIW authors' DenseFlow.
 
 The authors' code is studying910/EIW-Flow, folder ``DIW-Flow/`` (DenseFlow, Grcic et al. 2021, plus
-the Shuffle). ``--authors-code PATH`` points at that folder; by default it is extracted from the local
-git mirror (``MIRROR``) into a temporary directory. Without either, the authors' rows are skipped
-with a message and only ours is timed.
+the Shuffle). ``--authors-code PATH``, or else the environment variable ``EIW_AUTHORS_CODE=PATH``,
+names it: that folder itself, a checkout of studying910/EIW-Flow (its ``DIW-Flow/`` is used) or a bare
+git clone of it (``DIW-Flow/`` of HEAD is extracted into a temporary folder). ``--denseflow`` without
+either, or with a path that is none of these, is an ``error:`` line naming both, exit 2.
 
 Same configuration for both: variational dequantization (their ``DequantizationFlow``, our
 ``dequantizer`` defaults = theirs), an initial squeeze, per level an invertible dense block of
@@ -23,18 +24,21 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 from flows import FlowConfig, build_flow, initialize_actnorm, training_loss
 from flows.config import DenseFlowConfig, SplitConfig
 
-MIRROR = Path("/work/.mirror/studying910+EIW-Flow/repo")
+AUTHORS_CODE_ENV = "EIW_AUTHORS_CODE"
+MARKER = "experiments/image/model/dense_flow.py"  # a file only the DIW-Flow folder has
 SIGMA = 1e-3  # their default weight of the scale loss (denseflow/utils/loss.py) = our loss.sigma role
 NAMES = ("authors", "ours-denseflow")
 CHECKPOINT_NAMES = ("authors-ckpt", "ours-denseflow-ckpt")
@@ -43,7 +47,11 @@ CHECKPOINT_NAMES = ("authors-ckpt", "ours-denseflow-ckpt")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("DenseFlow against the EIW authors' code (--denseflow)")
     g.add_argument("--denseflow", action="store_true", help="time the DenseFlow rows instead of Glow's")
-    g.add_argument("--authors-code", default=None, help="the DIW-Flow folder of studying910/EIW-Flow")
+    g.add_argument(
+        "--authors-code",
+        default=None,
+        help=f"studying910/EIW-Flow: its DIW-Flow/, a checkout or a bare clone (else ${AUTHORS_CODE_ENV})",
+    )
     g.add_argument("--units", type=int, nargs="+", default=[2, 2, 1], help="units per level (block_config)")
     g.add_argument("--layers", type=int, nargs="+", default=[1, 1, 2], help="layers per unit (layers_config)")
     g.add_argument("--mid", type=int, nargs="+", default=[16, 16, 16], help="coupling widths (mid_chnls)")
@@ -55,38 +63,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def locate_authors_code(path: str | None) -> Path | None:
-    """The DIW-Flow folder: ``path`` if given, else extracted from the mirror; None (with a message
-    on stderr) when neither is there."""
-    if path is not None:
-        folder = Path(path)
-        if (folder / "experiments/image/model/dense_flow.py").is_file():
+def _fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def locate_authors_code(path: str | None) -> Path:
+    """The DIW-Flow folder named by ``path`` (``--authors-code``), else by ``$EIW_AUTHORS_CODE``:
+    the folder itself, a checkout holding it as ``DIW-Flow/``, or a bare git clone (extracted to a
+    temporary folder removed at exit). Exits 2 with an ``error:`` line when there is none."""
+    origin = "--authors-code" if path is not None else AUTHORS_CODE_ENV
+    source = path if path is not None else os.environ.get(AUTHORS_CODE_ENV) or None
+    if source is None:
+        _fail(
+            f"--denseflow needs the EIW authors' code (studying910/EIW-Flow): pass --authors-code PATH "
+            f"or set {AUTHORS_CODE_ENV}=PATH (its DIW-Flow/ folder, a checkout or a bare clone)"
+        )
+    root = Path(source).expanduser()
+    for folder in (root, root / "DIW-Flow"):
+        if (folder / MARKER).is_file():
             return folder
-        print(
-            f"--authors-code {path}: no experiments/image/model/dense_flow.py there; "
-            "skipping the authors' rows",
-            file=sys.stderr,
-        )
-        return None
-    if not MIRROR.exists() or shutil.which("git") is None:
-        print(
-            f"the EIW authors' code was not found (no --authors-code and no mirror at {MIRROR}); "
-            "skipping the authors' rows. Pass --authors-code PATH/TO/EIW-Flow/DIW-Flow",
-            file=sys.stderr,
-        )
-        return None
-    tmp = Path(tempfile.mkdtemp(prefix="eiw_authors_"))
-    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-    archive = subprocess.run(
-        ["git", "-C", str(MIRROR), "archive", "HEAD", "DIW-Flow"], check=True, capture_output=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
-    return tmp / "DIW-Flow"
+    if (root / "HEAD").is_file() and (root / "objects").is_dir() and shutil.which("git") is not None:
+        archive = subprocess.run(["git", "-C", str(root), "archive", "HEAD", "DIW-Flow"], capture_output=True)
+        if archive.returncode == 0:
+            tmp = Path(tempfile.mkdtemp(prefix="eiw_authors_"))
+            atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+            subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive.stdout, check=True)
+            if (tmp / "DIW-Flow" / MARKER).is_file():
+                return tmp / "DIW-Flow"
+    _fail(
+        f"{origin} {source}: neither {MARKER} nor DIW-Flow/{MARKER} is there, nor is it a git clone "
+        f"of studying910/EIW-Flow with DIW-Flow/ (set --authors-code PATH or {AUTHORS_CODE_ENV}=PATH)"
+    )
 
 
 def names(args: argparse.Namespace) -> list[str]:
-    out = list(NAMES) + (list(CHECKPOINT_NAMES) if args.checkpoint else [])
-    return out if args.authors_code else [n for n in out if n.startswith("ours")]
+    return list(NAMES) + (list(CHECKPOINT_NAMES) if args.checkpoint else [])
 
 
 def build_authors(args: argparse.Namespace, checkpointing: bool):
@@ -162,8 +174,7 @@ def child_argv(args: argparse.Namespace) -> list[str]:
     argv = ["--denseflow", "--size", str(args.size), "--batch", str(args.batch), "--growth", str(args.growth)]
     for key in ("units", "layers", "mid"):
         argv += [f"--{key}", *map(str, getattr(args, key))]
-    if args.authors_code:
-        argv += ["--authors-code", args.authors_code]
+    argv += ["--authors-code", args.authors_code]
     if args.threads:
         argv += ["--threads", str(args.threads)]
     return argv

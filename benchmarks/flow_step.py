@@ -1,6 +1,6 @@
 """Training-step time and peak memory of our Glow against normflows' Glow at the same architecture.
 
-    python benchmarks/flow_step.py [--device cpu|cuda] [--levels 3 --steps 8 --hidden 128]
+    python -m benchmarks.flow_step [--device cpu|cuda] [--levels 3 --steps 8 --hidden 128]
                                    [--batch 16 --size 32]
 
 One training step = dequantize + forward + bits/dim loss + backward + Adam step. Both models have L
@@ -19,7 +19,7 @@ normflows is an optional dependency (`pip install normflows`, the `bench` extra)
 DenseFlow rows (``--denseflow``, benchmarks/denseflow_authors.py): our ``base: denseflow`` against the
 EIW authors' DenseFlow (studying910/EIW-Flow, DIW-Flow/) at the same tiny configuration:
 
-    python benchmarks/flow_step.py --denseflow [--authors-code PATH/DIW-Flow] [--size 16 --batch 8]
+    python -m benchmarks.flow_step --denseflow [--authors-code PATH/DIW-Flow] [--size 16 --batch 8]
         [--units 2 2 1 --layers 1 1 2 --mid 16 16 16 --growth 4] [--checkpoint] [--threads 2]
 
 Step-time ratios are per round (ours / theirs in the same round), reported as median [min, max].
@@ -34,21 +34,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", message="torch.lu is deprecated")
 
-import denseflow_authors as dense  # noqa: E402
-from memory import run_child, saved_for_backward_mib, step_peak_mib  # noqa: E402
-
+from benchmarks import denseflow_authors as dense  # noqa: E402
+from benchmarks.common import forward_options, run_child, set_cpu_threads, setup_line  # noqa: E402
+from benchmarks.memory import saved_for_backward_mib, step_peak_mib  # noqa: E402
 from flows import FlowConfig, build_flow, initialize_actnorm, training_loss  # noqa: E402
 
+CHILD_OPTIONS = ("levels", "steps", "hidden", "batch", "size", "threads")  # the parent's, for a child
 SIGMA = 1e-3  # the trainer's loss.sigma default (pipeline/config.py LossConfig)
 
 
@@ -183,12 +181,8 @@ def peak_memory_child(args: argparse.Namespace) -> None:
 def peak_memory(args: argparse.Namespace, name: str) -> dict[str, float]:
     argv = ["--child", name, "--device", args.device]
     if args.denseflow:
-        return run_child(__file__, argv + dense.child_argv(args))
-    for key in ("levels", "steps", "hidden", "batch", "size", "threads"):
-        if getattr(args, key) is None:
-            continue
-        argv += [f"--{key}", str(getattr(args, key))]
-    return run_child(__file__, argv)
+        return run_child(__spec__.name, argv + dense.child_argv(args))
+    return run_child(__spec__.name, argv + forward_options(args, CHILD_OPTIONS))
 
 
 def main() -> None:
@@ -208,8 +202,7 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     dense.add_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads)
     if args.child:
         peak_memory_child(args)
         return
@@ -221,9 +214,10 @@ def main() -> None:
     if not args.no_compile:
         names.append("ours-gaussian-compiled")
     print(
-        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-        f"L={args.levels} K={args.steps} hidden={args.hidden} batch={args.batch} "
-        f"image=3x{args.size}x{args.size}"
+        setup_line(
+            args, L=args.levels, K=args.steps, hidden=args.hidden, batch=args.batch,
+            image=f"3x{args.size}x{args.size}",
+        )
     )
     times = {n: statistics.median(t) for n, t in time_steps(args, names).items()}
     memory = {n: peak_memory(args, n) for n in names}
@@ -248,14 +242,14 @@ def main() -> None:
 
 def denseflow_table(args: argparse.Namespace) -> None:
     """Ours against the authors' DenseFlow: per-round ratios and memory, one process per peak."""
-    code = dense.locate_authors_code(args.authors_code)
-    args.authors_code = str(code) if code else None
+    args.authors_code = str(dense.locate_authors_code(args.authors_code))
     names = dense.names(args)
     models: dict = {}
     times = time_steps(args, names, models)
     print(
-        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-        f"batch={args.batch} image=3x{args.size}x{args.size} rounds={args.rounds} warmup={args.warmup}"
+        setup_line(
+            args, batch=args.batch, image=f"3x{args.size}x{args.size}", rounds=args.rounds, warmup=args.warmup
+        )
     )
     print(dense.describe(args, models))
     memory = {n: peak_memory(args, n) for n in names}

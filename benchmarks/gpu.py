@@ -1,8 +1,11 @@
 """One GPU, torch alone: what a cluster user needs before booking nodes, for both recipe models.
 
-    python benchmarks/gpu.py                          # CUDA device 0: about 6 minutes on one H200
-    python benchmarks/gpu.py --shards /shared/data/imagenet64   # feed the steps real images
-    python benchmarks/gpu.py --device cpu --quick     # every code path at tiny sizes (no GPU numbers)
+    python -m benchmarks.gpu                          # CUDA device 0: about 6 minutes on one H200
+    python -m benchmarks.gpu --shards /shared/data/imagenet64   # feed the steps real images
+    python -m benchmarks.gpu --device cpu --quick     # every code path at tiny sizes (no GPU numbers)
+
+Run from the repository root of a plain checkout: it imports torch, ``flows`` and its two siblings
+(``benchmarks.gpu_inputs``, ``benchmarks.gpu_report``) and nothing else, not even benchmarks/common.py.
 
 Models: configs/imagenet64.yaml's Glow (4 levels, 512 hidden channels, EIW split) and
 configs/imagenet64_denseflow.yaml's DenseFlow (DF_74_10, variational dequantization, EIW split), each
@@ -54,10 +57,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from gpu_inputs import (  # noqa: E402
+from benchmarks.gpu_inputs import (
     DENSEFLOW_LAYERS,
     DENSEFLOW_REDUCED_LAYERS,
     RECIPE_STEPS_PER_LEVEL,
@@ -69,9 +69,8 @@ from gpu_inputs import (  # noqa: E402
     shard_images,
     synthetic_images,
 )
-from gpu_report import Row, markdown  # noqa: E402
-
-from flows import FlowConfig, FlowModel, build_flow, initialize_actnorm, training_loss  # noqa: E402
+from benchmarks.gpu_report import Row, markdown
+from flows import FlowConfig, FlowModel, build_flow, initialize_actnorm, training_loss
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 MODELS = ("glow", "denseflow")

@@ -1,6 +1,6 @@
 """What live MLflow logging costs the training step, in one run.
 
-    python benchmarks/live_logging.py [--config configs/sample.yaml] [--log-every 20] [--segment 40]
+    python -m benchmarks.live_logging [--config configs/sample.yaml] [--log-every 20] [--segment 40]
         [--rounds 3] [--system-interval 1] [--tracking-uri URI] [--threads 1]
 
 Runs ``pipeline.step.train_step`` on the sample config's model (fixed synthetic batches) in segments
@@ -34,22 +34,19 @@ import time
 import urllib.request
 from pathlib import Path
 
-if __name__ == "__main__" and "OMP_NUM_THREADS" not in os.environ:
-    _pre = argparse.ArgumentParser(add_help=False)
-    _pre.add_argument("--threads", type=int, default=1)
-    os.environ["OMP_NUM_THREADS"] = str(max(1, _pre.parse_known_args()[0].threads))
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+from benchmarks.common import pin_openmp_threads, set_cpu_threads
 
-import torch  # noqa: E402
+if __name__ == "__main__":
+    pin_openmp_threads(__spec__.name)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-from flows import build_flow, initialize_actnorm  # noqa: E402
-from pipeline.config import MlflowConfig, TrainConfig, load_config  # noqa: E402
-from pipeline.metric_window import MetricWindow  # noqa: E402
-from pipeline.runtime import Runtime  # noqa: E402
-from pipeline.step import TrainingObjective, lr_factor, make_optimizer, train_step  # noqa: E402
-from pipeline.tracking import Tracker  # noqa: E402
+from flows import build_flow, initialize_actnorm
+from pipeline.config import MlflowConfig, TrainConfig, load_config
+from pipeline.metric_window import MetricWindow
+from pipeline.runtime import Runtime
+from pipeline.step import TrainingObjective, lr_factor, make_optimizer, train_step
+from pipeline.tracking import Tracker
 
 MODES = ("off", "sync", "async", "async + system")
 
@@ -66,7 +63,7 @@ def start_server(root: Path) -> tuple[subprocess.Popen, str]:
     cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
            "--artifacts-destination", str(root / "artifacts")]  # fmt: skip
-    log = open(root / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
+    log = open(root / "server.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(360):
@@ -148,8 +145,7 @@ def main() -> int:
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(args.config or repo / "configs" / "sample.yaml", args.overrides)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads, device.type)
     torch.manual_seed(0)
     flow = build_flow(cfg.model).to(device)
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""Memory measurements shared by the benchmark scripts (imported as a sibling module).
+"""Memory measurements shared by the benchmark scripts (``from benchmarks.memory import ...``).
 
 Two numbers per training step:
 - saved for backward: the bytes of the unique storages autograd keeps between forward and backward,
@@ -7,15 +7,12 @@ Two numbers per training step:
 - peak: on CUDA, ``max_memory_allocated`` during one step above what was allocated before it; on the
   CPU, the growth of the process's peak RSS (``ru_maxrss``) over its RSS after a warm-up step, which
   also depends on what glibc's allocator kept from earlier steps.
-Run each model in a fresh process for the peak: RSS never shrinks back.
+Run each model in a fresh process for the peak (``benchmarks.common.run_child``): RSS never shrinks back.
 """
 
 from __future__ import annotations
 
-import json
 import resource
-import subprocess
-import sys
 from collections.abc import Callable
 
 import torch
@@ -62,9 +59,3 @@ def step_peak_mib(step: Callable[[], None], device: str) -> float:
 def activations_mib(model: torch.nn.Module, loss_fn) -> float:
     """Like ``saved_for_backward_mib`` but without the parameters' storages (they exist anyway)."""
     return saved_for_backward_mib(loss_fn, exclude_parameters_of=model)
-
-
-def run_child(script: str, argv: list[str]) -> dict[str, float]:
-    """Run ``script argv`` in a fresh Python process; its last stdout line is a JSON dict of results."""
-    out = subprocess.run([sys.executable, script, *argv], check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])

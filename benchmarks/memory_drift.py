@@ -1,7 +1,7 @@
 """The accuracy side of ``model.memory: invertible`` (run through benchmarks/memory_modes.py):
 
-    python benchmarks/memory_modes.py --drift      # reconstruction error at the ImageNet-64 recipe depth
-    python benchmarks/memory_modes.py --paired 300 # standard and invertible trained side by side
+    python -m benchmarks.memory_modes --drift      # reconstruction error at the ImageNet-64 recipe depth
+    python -m benchmarks.memory_modes --paired 300 # standard and invertible trained side by side
 
 What each prints is described in benchmarks/memory_modes.py's docstring (``--drift``, ``--paired``).
 """
@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from memory import activations_mib  # noqa: E402
-from photos import photos  # noqa: E402
-
-from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm, training_loss  # noqa: E402
-from flows.coupling import AffineCoupling  # noqa: E402
-from flows.invertible import reconstruction_error  # noqa: E402
+from benchmarks.common import photos
+from benchmarks.memory import activations_mib
+from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm, training_loss
+from flows.coupling import AffineCoupling
+from flows.invertible import reconstruction_error
 
 SIGMA = 1e-3  # the trainer's loss.sigma default (pipeline/config.py LossConfig)
 

@@ -1,9 +1,9 @@
 """Training memory and step time of ``model.memory`` = standard / invertible / checkpoint at growing depth.
 
-    python benchmarks/memory_modes.py [--device cpu|cuda] [--steps 4 8 16 32 --levels 3 --hidden 128]
-    python benchmarks/memory_modes.py --drift      # reconstruction error at the ImageNet-64 recipe depth
-    python benchmarks/memory_modes.py --paired 300 # standard and invertible trained side by side
-    python benchmarks/memory_modes.py --recipe-memory configs/imagenet64.yaml  # stored activations
+    python -m benchmarks.memory_modes [--device cpu|cuda] [--steps 4 8 16 32 --levels 3 --hidden 128]
+    python -m benchmarks.memory_modes --drift      # reconstruction error at the ImageNet-64 recipe depth
+    python -m benchmarks.memory_modes --paired 300 # standard and invertible trained side by side
+    python -m benchmarks.memory_modes --recipe-memory configs/imagenet64.yaml  # stored activations
 
 Every model is the same Glow (L levels of K steps, EIW split by default, same width, same images); only
 ``memory`` and K differ. One training step is what the training loop does: ``model.advance``,
@@ -56,18 +56,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from memory import activations_mib, run_child, saved_for_backward_mib, step_peak_mib  # noqa: E402
-from photos import photos  # noqa: E402
-
-from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm, training_loss  # noqa: E402
+from benchmarks.common import forward_options, photos, run_child, set_cpu_threads, setup_line, table_header
+from benchmarks.memory import activations_mib, saved_for_backward_mib, step_peak_mib
+from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm, training_loss
 
 SIGMA = 1e-3  # the trainer's loss.sigma default (pipeline/config.py LossConfig)
 
@@ -165,16 +160,16 @@ def memory_numbers(args: argparse.Namespace, mode: str, k: int) -> dict[str, flo
     # threshold returns every large block on free: RSS then follows the live tensors.
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     argv = ["--child", f"{mode}:{k}", "--device", args.device, "--split", args.split]
-    for key in ("levels", "hidden", "batch", "size", "threads"):
-        argv += [f"--{key}", str(getattr(args, key))]
-    return run_child(__file__, argv)
+    argv += forward_options(args, ("levels", "hidden", "batch", "size", "threads"))
+    return run_child(__spec__.name, argv)
 
 
 def memory_table(args: argparse.Namespace) -> None:
     print(
-        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-        f"L={args.levels} K={args.steps} hidden={args.hidden} batch={args.batch} "
-        f"image=3x{args.size}x{args.size} split={args.split} rounds={args.rounds}",
+        setup_line(
+            args, L=args.levels, K=args.steps, hidden=args.hidden, batch=args.batch,
+            image=f"3x{args.size}x{args.size}", split=args.split, rounds=args.rounds,
+        ),
         flush=True,
     )
     # Memory first: a child's ru_maxrss starts at its parent's high-water RSS (Linux carries it over
@@ -183,11 +178,10 @@ def memory_table(args: argparse.Namespace) -> None:
     times, ratios = time_steps(args)
     step_name = "step ms (wall)" if args.device == "cuda" else "step ms (CPU)"
     peak_name = "peak alloc MiB" if args.device == "cuda" else "peak RSS+ MiB"
-    print(
-        f"| K | memory | parameters MiB | saved MiB (all) | activations MiB | x standard | {peak_name} "
-        f"| x standard | {step_name} | x standard |"
+    table_header(
+        "K", "memory", "parameters MiB", "saved MiB (all)", "activations MiB", "x standard", peak_name,
+        "x standard", step_name, "x standard",
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
     for k in args.steps:
         ref = memory[("standard", k)]
         for mode in MODES:
@@ -206,7 +200,6 @@ def memory_table(args: argparse.Namespace) -> None:
 def recipe_memory(args: argparse.Namespace, config: str) -> None:
     """Stored activations (forward only, parameters excluded) of a recipe config's model at batch
     ``--recipe-batch`` in float32 and under bf16 autocast, per memory mode; linear in the batch."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from pipeline.config import load_config
 
     cfg = load_config(config)
@@ -266,8 +259,7 @@ def main() -> None:
     parser.add_argument("--recipe-batch", type=int, default=2)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads, args.device)
     if args.child:
         memory_child(args)
     elif args.drift:

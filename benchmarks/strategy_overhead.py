@@ -1,6 +1,6 @@
 """Training-step time and peak memory of the EIW Shuffle and LCMA splits against the static split.
 
-    python benchmarks/strategy_overhead.py [--device cpu|cuda] [--levels 3 --steps 8 --hidden 128 --batch 16]
+    python -m benchmarks.strategy_overhead [--device cpu|cuda] [--levels 3 --steps 8 --hidden 128 --batch 16]
 
 All variants are the same Glow (L levels of K steps, same width, same images); only the split strategy
 differs. One training step is what the training loop does: ``model.advance``, dequantize,
@@ -31,17 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from memory import run_child, saved_for_backward_mib, step_peak_mib  # noqa: E402
-
-from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm, training_loss  # noqa: E402
+from benchmarks.common import forward_options, run_child, set_cpu_threads, setup_line, table_header
+from benchmarks.memory import saved_for_backward_mib, step_peak_mib
+from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm, training_loss
 
 SIGMA = 1e-3  # the trainer's loss.sigma default (pipeline/config.py LossConfig)
 
@@ -141,9 +137,8 @@ def peak_memory_child(args: argparse.Namespace) -> None:
 
 def peak_memory(args: argparse.Namespace, variant: str) -> dict[str, float]:
     argv = ["--child", variant, "--device", args.device]
-    for key in ("levels", "steps", "hidden", "batch", "size", "threads"):
-        argv += [f"--{key}", str(getattr(args, key))]
-    return run_child(__file__, argv)
+    argv += forward_options(args, ("levels", "steps", "hidden", "batch", "size", "threads"))
+    return run_child(__spec__.name, argv)
 
 
 def main() -> None:
@@ -159,24 +154,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads on CPU")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads, args.device)
     if args.child:
         peak_memory_child(args)
         return
 
     print(
-        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-        f"L={args.levels} K={args.steps} hidden={args.hidden} batch={args.batch} "
-        f"image=3x{args.size}x{args.size} rounds={args.rounds}"
+        setup_line(
+            args, L=args.levels, K=args.steps, hidden=args.hidden, batch=args.batch,
+            image=f"3x{args.size}x{args.size}", rounds=args.rounds,
+        )
     )
     times, ratios = time_steps(args)
     memory = {v: peak_memory(args, v) for v in VARIANTS}
     ref_m = memory["static"]
     step_name = "step ms (wall)" if args.device == "cuda" else "step ms (CPU time)"
     peak_name = "peak alloc MiB" if args.device == "cuda" else "peak RSS+ MiB"
-    print(f"| split | {step_name} | x static | {peak_name} | x static | saved for backward MiB | x static |")
-    print("|---|---|---|---|---|---|---|")
+    table_header("split", step_name, "x static", peak_name, "x static", "saved for backward MiB", "x static")
     for v in VARIANTS:
         m = memory[v]
         print(

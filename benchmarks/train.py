@@ -1,7 +1,7 @@
 """Training step cost of the plain loop against the Ray Train adapter, interleaved in one run.
 
-    python benchmarks/train.py [--config configs/sample.yaml] [--steps 10] [--rounds 8] [--threads N]
-    python benchmarks/train.py --checkpoint-stall [--checkpoint-every 10] [--storage s3://bucket/prefix]
+    python -m benchmarks.train [--config configs/sample.yaml] [--steps 10] [--rounds 8] [--threads N]
+    python -m benchmarks.train --checkpoint-stall [--checkpoint-every 10] [--storage s3://bucket/prefix]
 
 Every arm runs ``pipeline.step.train_step`` (forward, bits/dim + sigma * regularizer, backward, grad
 clipping, the cross-rank non-finite check, Adam step) on the same model and the same batches (fixed
@@ -49,22 +49,19 @@ import threading
 import time
 from pathlib import Path
 
-if __name__ == "__main__" and "OMP_NUM_THREADS" not in os.environ:
+from benchmarks.common import child_env, module_command, pin_openmp_threads
+
+if __name__ == "__main__":
     # Ray starts its workers with OMP_NUM_THREADS set to their CPU count; give this process (and the
     # plain arm) the same OpenMP start-up, or the comparison measures OpenMP's idle threads, not Ray.
-    _pre = argparse.ArgumentParser(add_help=False)
-    _pre.add_argument("--threads", type=int, default=1)
-    os.environ["OMP_NUM_THREADS"] = str(max(1, _pre.parse_known_args()[0].threads))
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+    pin_openmp_threads(__spec__.name)
 
-import torch  # noqa: E402
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm  # noqa: E402
-from pipeline.config import DEFAULT_SPLIT_STRATEGY, DataConfig, RunConfig, TrainConfig  # noqa: E402
-from pipeline.runtime import Runtime  # noqa: E402
-from pipeline.step import TrainingObjective, lr_factor, make_optimizer, train_step  # noqa: E402
+from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm
+from pipeline.config import DEFAULT_SPLIT_STRATEGY, DataConfig, RunConfig, TrainConfig
+from pipeline.runtime import Runtime
+from pipeline.step import TrainingObjective, lr_factor, make_optimizer, train_step
 
 # The arms of a phase (the rows); the plain process runs the first two, the phase's Ray worker the third.
 PLAIN_ALONE, PLAIN, RAY = "plain, Ray stopped", "plain, Ray idle", "Ray Train worker"
@@ -191,7 +188,7 @@ def start_ray(cfg: TrainConfig, args: argparse.Namespace, use_gpu: bool, sync: P
         try:
             with env:
                 trainer.fit()
-        except BaseException as e:  # noqa: BLE001 - reported by the orchestrator
+        except BaseException as e:
             _write(sync / "ray-failed.json", {"error": repr(e)})
 
     thread = threading.Thread(target=fit, name="ray-fit", daemon=True)
@@ -293,7 +290,7 @@ def main() -> int:
           + f", {args.rounds} rounds x {args.steps} steps per arm after {args.warmup} warm-up steps"
           )  # fmt: skip
     try:
-        import ray  # noqa: F401
+        import ray
     except ImportError as e:
         print(f"ray is not importable ({e}); only the plain loop runs")
         args.no_ray = True
@@ -306,8 +303,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         sync = Path(tmp)
         slots = args.rounds * len(phases) * (1 if args.no_ray else 2)
+        arm_argv = [*sys.argv[1:], "--arm-plain", str(sync), "--arm-slots", str(slots)]
         plain = subprocess.Popen(
-            [sys.executable, __file__, *sys.argv[1:], "--arm-plain", str(sync), "--arm-slots", str(slots)]
+            module_command(__spec__.name, arm_argv),
+            env=child_env(),
         )
         n_plain = 0
         for phase in phases:

@@ -268,7 +268,7 @@ def test_mlflow_server_as_kubernetes_runs_it_requires_credentials(tmp_path, monk
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
-    # The Deployment sets the same variables (from the Secret, checked in tests/unit/test_infra_manifests.py).
+    # The Deployment sets the same variables (from the Secret, checked in tests/unit/infra/test_manifests.py).
     assert {k for k in env if k.startswith("MLFLOW_")} <= {e["name"] for e in container["env"]}
     log = tmp_path / "server.log"
     with open(log, "wb") as out:

@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("flows", "data_prep", "pipeline", "tune", "benchmarks")
 # package -> the packages of ours it must not import (flows: none at all; flows' third-party rule,
-# torch only, is tests/unit/test_flows_purity.py).
+# torch only, is tests/unit/flows/test_purity.py).
 FORBIDDEN = {
     "flows": {"data_prep", "pipeline", "tune", "benchmarks"},
     "data_prep": {"flows", "pipeline", "tune", "benchmarks"},

@@ -10,14 +10,6 @@ from __future__ import annotations
 import pytest
 
 from data_prep.loading import eval_loader, train_loader
-from data_prep.sources.sample import ensure_sample_shards
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return ensure_sample_shards(
-        tmp_path_factory.mktemp("shards") / "data", resolution=32, n_train=96, n_test=48, shard_size=32
-    )
 
 
 def damaged_copy(dataset, tmp_path, split="test"):

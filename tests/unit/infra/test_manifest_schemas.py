@@ -21,7 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-K8S = Path(__file__).resolve().parents[2] / "infra" / "k8s"
+K8S = Path(__file__).resolve().parents[3] / "infra" / "k8s"
 KUBERNETES_VERSION = "1.33"
 CRD_SCHEMAS = {("ray.io/v1", "RayCluster"), ("ray.io/v1", "RayJob")}
 

@@ -3,13 +3,10 @@ their learning rate belongs to."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from pipeline.config import load_config
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+from tests.unit.pipeline.tiny_run import CONFIGS
 
 
 @pytest.mark.parametrize(

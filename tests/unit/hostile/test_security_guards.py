@@ -1,5 +1,5 @@
 """The issue-21 checks are not too strict: valid inputs still pass them (these pass before and after;
-the hostile inputs themselves are in tests/unit/test_hostile_*.py, each of which fails without the
+the hostile inputs themselves are in tests/unit/hostile/test_*.py, each of which fails without the
 checks)."""
 
 from __future__ import annotations
@@ -7,11 +7,7 @@ from __future__ import annotations
 import json
 
 from pipeline.config import TrainConfig, load_config
-from tests.unit import test_hostile_serving, test_hostile_shards
-from tests.unit.test_hostile_serving import batch, post
-
-served = test_hostile_serving.served  # fixtures, shared with the hostile tests
-dataset = test_hostile_shards.dataset
+from tests.unit.hostile.test_serving import batch, post
 
 
 def test_real_numbers_and_true_booleans_still_load():

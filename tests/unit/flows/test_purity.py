@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 FORBIDDEN = ("ray", "mlflow", "webdataset", "torch.distributed")
-FLOWS = Path(__file__).resolve().parents[2] / "flows"
+FLOWS = Path(__file__).resolve().parents[3] / "flows"
 
 
 def _imported_modules(path: Path) -> list[str]:

@@ -15,7 +15,7 @@ from tune.asha import ResumableASHA
 from tune.report import make_row, plot_learning_curves, plot_vs_depth, plot_vs_sigma, ranked, write_table
 from tune.search import main
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DEFAULTS = {
     "model.num_steps": 2,
     "model.num_levels": 2,

@@ -13,7 +13,7 @@ from tune.search import concurrency, expected_trials, param_space, trial_capacit
 from tune.spec import asha_bounds, load_spec, spec_from_dict
 from tune.trial import trial_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TUNE_CONFIGS = ROOT / "configs" / "tune"
 
 

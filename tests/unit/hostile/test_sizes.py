@@ -15,7 +15,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def data_prep(*args: str) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from flows import initialize_actnorm
 from flows.strategies import EIWShuffleSplit
 from tests.unit.bijection_harness import perturb_parameters
-from tests.unit.test_strategies import (
+from tests.unit.flows.strategy_models import (
     eiw_strategy,
     frozen_lcma,
     images,

@@ -21,7 +21,7 @@ import yaml
 
 from pipeline.config import load_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 INFRA = REPO / "infra"
 K8S = INFRA / "k8s"
 LAUNCHER = INFRA / "cluster-launcher" / "aws-gpu.yaml"

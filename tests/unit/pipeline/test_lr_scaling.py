@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.config import load_config
 from pipeline.step import global_batch, learning_rate, make_optimizer
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+from tests.unit.pipeline.tiny_run import CONFIGS
 
 
 def config(*overrides: str):

@@ -15,46 +15,15 @@ from mlflow.tracking import MlflowClient
 
 from flows import build_flow, initialize_actnorm
 from pipeline.checkpoint import LocalCheckpoints, read_checkpoint
-from pipeline.config import TrainConfig, checkpoint_root, load_config, resolve
+from pipeline.config import TrainConfig, checkpoint_root
 from pipeline.data import ensure_data, make_eval_loader, make_train_loader
 from pipeline.faults import Faults, InjectedFault
 from pipeline.loop import FitResult, NonFiniteLossError, fit
 from pipeline.runtime import LocalRuntime
 from pipeline.step import TrainingObjective, evaluate, lr_factor, make_optimizer, train_step
+from tests.unit.pipeline.tiny_run import tiny_config
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machines are small and shared: intra-op threads only fight each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("pipeline-loop")
-
-
-def tiny_config(workdir: Path, *overrides: str) -> TrainConfig:
-    cfg = load_config(
-        CONFIGS / "tiny.yaml",
-        [
-            "ray.enabled=false",
-            "run.progress_bar=off",
-            "run.num_threads=1",
-            "mlflow.register=false",
-            "mlflow.log_model=false",
-            "mlflow.log_checkpoint=false",
-            f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
-            f"data.root={workdir / 'data'}",
-            *overrides,
-        ],
-    )
-    return resolve(cfg, cwd=workdir)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

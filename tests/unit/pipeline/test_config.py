@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import re
 import warnings
-from pathlib import Path
 
 import pytest
 
 from pipeline.config import TrainConfig, config_to_yaml, load_config, resolve
 from pipeline.config_loading import flatten, parse_override, revise, validate, with_overrides
+from tests.unit.pipeline.tiny_run import CONFIGS
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SHIPPED = ("tiny", "sample", "imagenet64", "lsun_bedroom64")
 
 

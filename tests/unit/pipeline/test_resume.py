@@ -31,7 +31,7 @@ from pipeline.checkpoint import (
     write_checkpoint,
     writer_id,
 )
-from pipeline.config import TrainConfig, checkpoint_root, load_config, resolve
+from pipeline.config import TrainConfig, checkpoint_root
 from pipeline.config_loading import flatten
 from pipeline.data import ensure_data
 from pipeline.faults import Faults, InjectedFault
@@ -44,41 +44,12 @@ from pipeline.train_state import (
     check_resume_config,
     is_fixed_on_resume,
 )
+from tests.unit.pipeline.tiny_run import CONFIGS, local_overrides, tiny_config
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("pipeline-resume")
-
-
-def overrides(workdir: Path, *more: str) -> list[str]:
-    return [
-        "ray.enabled=false",
-        "run.progress_bar=off",
-        "run.num_threads=1",
-        "mlflow.register=false",
-        "mlflow.log_model=false",
-        "mlflow.log_checkpoint=false",
-        f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
-        f"data.root={workdir / 'data'}",
-        f"run.root={workdir / 'runs'}",
-        *more,
-    ]
-
-
-def tiny_config(workdir: Path, *more: str) -> TrainConfig:
-    return resolve(load_config(CONFIGS / "tiny.yaml", overrides(workdir, *more)), cwd=workdir)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +184,8 @@ def test_optimizer_and_run_changes_resume_take_effect_and_are_logged(data_ready,
 
 def test_the_cli_refuses_a_changed_model_in_one_error_line(data_ready, tmp_path):
     crashed_run(data_ready, "cli-model", fail_at=3)
-    changed = overrides(data_ready, "run.name=cli-model", "run.checkpoint_every=2", "model.hidden_channels=8")
+    more = ("run.name=cli-model", "run.checkpoint_every=2", "model.hidden_channels=8")
+    changed = local_overrides(data_ready, *more)
     args = ["--config", str(CONFIGS / "tiny.yaml"), "--no-ray", *changed]
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.train", *args], cwd=ROOT, capture_output=True, text=True, timeout=600

@@ -13,19 +13,9 @@ import json
 import numpy as np
 import pytest
 from mlflow.exceptions import MlflowException
-from mlflow.pyfunc import load_model
 from mlflow.pyfunc.scoring_server import invocations
 
-from tests.unit.test_pipeline_registry import SHAPE, tiny_flow
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    from pipeline.registry import save_flow_model
-
-    path = save_flow_model(tiny_flow(), tmp_path_factory.mktemp("served") / "model", test_bpd=5.0)
-    model = load_model(str(path))
-    return model, model.metadata.get_input_schema()
+from tests.unit.pipeline.test_registry import SHAPE
 
 
 def post(served, pixels, **params) -> tuple[int, str]:

@@ -9,7 +9,7 @@ import pytest
 from pipeline.ablation_report import RunRow, append_run
 from pipeline.compare import config_for, load_comparison, main
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_shipped_comparison_builds_every_variant() -> None:

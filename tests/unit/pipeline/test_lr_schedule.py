@@ -8,7 +8,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.step import lr_factor
-from tests.unit.test_lr_scaling import CONFIGS, config
+from tests.unit.pipeline.test_lr_scaling import CONFIGS, config
 
 
 class _TheirLinearWarmup(torch.optim.lr_scheduler.LRScheduler):

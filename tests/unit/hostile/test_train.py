@@ -17,7 +17,7 @@ from pipeline.data import ensure_data
 from pipeline.faults import Faults, InjectedFault
 from pipeline.loop import fit
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CONFIG = ROOT / "configs" / "tiny.yaml"
 
 

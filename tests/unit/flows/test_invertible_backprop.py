@@ -260,7 +260,7 @@ def test_pipeline_train_step_skips_a_poisoned_step_in_invertible_mode() -> None:
     from pipeline.runtime import Runtime
     from pipeline.step import TrainingObjective, make_optimizer, train_step
 
-    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    tiny = Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml"
     cfg = load_config(tiny, ["model.memory=invertible", "model.image_shape=[3,8,8]"])
     flow = build_flow(cfg.model)
     initialize_actnorm(flow, images(8))
