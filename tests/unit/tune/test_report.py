@@ -129,7 +129,7 @@ def test_cli_checks_a_search_file_and_names_a_bad_field(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     assert main(["--config", "configs/tune/sample.yaml", "--check"]) == 0
     out = capsys.readouterr().out
-    assert "loss.sigma: loguniform[0.0001, 1.0]" in out and "16 trials (optuna)" in out
+    assert "loss.sigma: loguniform[0.0001, 1.0]" in out and "8 trials (optuna)" in out
     assert (
         main(
             [

@@ -22,7 +22,7 @@ from pipeline.device_settings import choose_settings, compile_objective
 from pipeline.runtime import Runtime
 from pipeline.step import TrainingObjective, lr_factor, make_optimizer, train_step
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 STEPS = 3
 
 

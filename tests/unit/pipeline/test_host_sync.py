@@ -22,7 +22,7 @@ from pipeline.runtime import Runtime
 from pipeline.step import TrainingObjective, train_step
 from pipeline.train_state import NonFiniteLossError, TrainState
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
 
 

@@ -19,7 +19,7 @@ from flows import build_flow
 from pipeline.config import load_config
 from pipeline.runtime import with_sync_batchnorm
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 def _images(n: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from pipeline.config import load_config
 from pipeline.device_settings import apply_settings, choose_settings, optimizer_options
 from pipeline.step import make_optimizer
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 def test_cuda_gets_the_throughput_settings_and_cpu_none():

@@ -22,7 +22,7 @@ from pipeline.ema import WeightAverage
 from pipeline.faults import Faults, InjectedFault
 from pipeline.loop import fit
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 def test_the_average_moves_on_updates_only_and_copies_buffers():

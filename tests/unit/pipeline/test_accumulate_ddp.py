@@ -23,7 +23,7 @@ from pipeline.config import load_config
 from pipeline.runtime import Runtime
 from pipeline.step import TrainingObjective, global_batch, lr_factor, make_optimizer, train_step
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 STEPS = 3
 
 
