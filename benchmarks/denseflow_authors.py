@@ -13,7 +13,7 @@ growth 64, Nystrom attention), switch] with ``growth_rate`` noise channels, the 
 with a standard-normal split prior, a learned per-channel Gaussian base.
 
 Their training step (experiments/image/experiment/baseline_flow.py ``train_fn``):
-``loss, scale_loss = elbo_bpd(model, x); (loss + sigma * scale_loss).backward(); optimizer.step()``,
+``loss, scale_loss = elbo_bpd(model, x); (loss + sigma*scale_loss).backward(); optimizer.step()``,
 where ``elbo_bpd`` (denseflow/utils/loss.py ``loglik_bpd``) calls ``model.log_prob(x)`` twice (one
 forward for the loss, one for the scale loss, both graphs are kept for backward). x: long tensors
 with values 0..255 (their ``Quantize`` transform). Ours (pipeline/step.py): ``model.advance(step)``,

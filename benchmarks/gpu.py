@@ -13,7 +13,7 @@ at reduced depth (Glow: ``--steps-per-level`` 8 of 48; DenseFlow: layers 1 1 4 o
 precision and compile comparison, and at full depth for speed, the largest batch and FLOPs.
 
 One training step is what pipeline/step.py does: ``model.advance(step)``, under the precision's
-autocast the objective (flows/objective.py ``training_loss``: mean bits/dim + sigma * regulariser,
+autocast the objective (flows/objective.py ``training_loss``: mean bits/dim plus sigma times the regulariser,
 in float32), backward, gradient clipping, an Adamax step. ``compiled`` rows wrap the objective in
 ``torch.compile`` (``--compile-backend``, default inductor; the compile time is a column). Precisions:
 

@@ -7,7 +7,7 @@
 
 Every model is the same Glow (L levels of K steps, EIW split by default, same width, same images); only
 ``memory`` and K differ. One training step is what the training loop does: ``model.advance``,
-dequantize, forward, loss = ``flows.training_loss`` (bits/dim + sigma * regularization()), backward,
+dequantize, forward, loss = ``flows.training_loss`` (bits/dim plus sigma times the regulariser), backward,
 Adam step.
 
 Columns (one run, one table):

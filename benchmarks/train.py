@@ -3,7 +3,7 @@
     python -m benchmarks.train [--config configs/sample.yaml] [--steps 10] [--rounds 8] [--threads N]
     python -m benchmarks.train --checkpoint-stall [--checkpoint-every 10] [--storage s3://bucket/prefix]
 
-Every arm runs ``pipeline.step.train_step`` (forward, bits/dim + sigma * regularizer, backward, grad
+Every arm runs ``pipeline.step.train_step`` (forward, ``flows.training_loss``, backward, grad
 clipping, the cross-rank non-finite check, Adam step) on the same model and the same batches (fixed
 synthetic uint8 images: throughput does not depend on pixel values), each in its own process with the
 same number of torch threads (on CPU). Two phases, each with its own embedded Ray instance and one

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from flows import FlowConfig, SplitConfig, build_flow, initialize_actnorm, training_loss
 from flows.strategies import EIWShuffleSplit, LCMASplit
-from flows.strategies.eiw import CountGenerator, FreeLogits
+from flows.strategies.eiw_parts import CountGenerator, FreeLogits
 
 
 def tiny_model(strategy: str, **split) -> nn.Module:

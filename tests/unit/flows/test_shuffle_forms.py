@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from flows import FlowConfig, SplitConfig, build_flow
 from flows.strategies import EIWShuffleSplit
-from flows.strategies.eiw import channel_entropy, log_attention, shuffle_regularizer, target_regularizer
+from flows.strategies.eiw_parts import channel_entropy, log_attention, shuffle_regularizer, target_regularizer
 
 
 def w_entropy(strategy: EIWShuffleSplit) -> float:
