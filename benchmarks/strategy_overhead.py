@@ -4,7 +4,7 @@
 
 All variants are the same Glow (L levels of K steps, same width, same images); only the split strategy
 differs. One training step is what the training loop does: ``model.advance``, dequantize,
-forward, loss = ``flows.training_loss`` (bits/dim plus sigma times the regulariser), backward, Adam step. Variants:
+forward, loss = ``flows.training_loss``, backward, Adam step. Variants:
 - static: Glow's split (the reference); static-again: a second, identical static model (noise floor);
 - eiw: the authors' Shuffle, unfrozen (the permutation is recomputed from the generator every step,
   the SE head reads the permuted features and its regulariser back-propagates into the flow);

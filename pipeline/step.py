@@ -1,8 +1,8 @@
 """One optimisation step and the exact evaluation: the math of training, torch and flows only.
 
 No Ray, MLflow or data loading here (benchmarks/train.py runs these on a machine with only torch).
-Loss: ``flows.training_loss``, mean bits/dim plus loss.sigma times the regularizer (the split strategy's; 0 for
-static splits).
+Loss: ``flows.training_loss``, mean bits/dim plus loss.sigma times the regularizer (the split strategy's;
+0 for static splits).
 """
 
 from __future__ import annotations
