@@ -388,6 +388,8 @@ def benchmark_model(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)  # torch 2.11's set_device refuses a bare "cuda" (seen on an H200)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             print("error: no CUDA device: run with --device cpu --quick for a smoke run", file=sys.stderr)
