@@ -1,9 +1,10 @@
 """run.compile: compiled and eager training agree, and later steps reuse the first step's graphs.
 
-Inductor's CPU backend (gcc) compiles the tiny Glow (EIW split): a minute or two on a 2-core machine
-(six on a loaded one), so this is the only compiled training test. ``fallback_random`` makes inductor
-draw the dequantization noise with eager's generator, so both runs see the same noise. DenseFlow is
-refused (``COMPILE_REFUSED_BASE``): inductor moved its bits/dim by up to 5.7e-2 on the same noise.
+Inductor's CPU backend (gcc) compiles the tiny Glow (EIW split) and the tiny DenseFlow at 8x8: about
+a minute each on a 2-core machine (several on a loaded one), so these are the only compiled training
+tests. ``compile_objective`` compiles with ``fallback_random`` (pipeline/device_settings.py), so the
+compiled run draws the dequantization and cross-unit noise with eager's generator: both runs see the
+same noise, and the comparison is of the training path itself, with no test-only configuration.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo
-import torch._inductor.config
 from torch._dynamo.utils import counters
 
 from flows import build_flow, initialize_actnorm
@@ -56,16 +56,15 @@ def _train(cfg, *, compiled: bool) -> tuple[list[float], int]:
     return values, counters["stats"]["unique_graphs"] - graphs_after_first
 
 
-@pytest.mark.parametrize("config", ["tiny.yaml"])
+@pytest.mark.parametrize("config", ["tiny.yaml", "tiny_denseflow.yaml"])
 def test_compiled_training_matches_eager_and_does_not_recompile(config):
     torch._dynamo.reset()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with torch._inductor.config.patch(fallback_random=True):
-            cfg = load_config(CONFIGS / config, ["model.image_shape=[3,8,8]", "optim.warmup_steps=1"])
-            eager, _ = _train(cfg, compiled=False)
-            compiled, new_graphs = _train(cfg, compiled=True)
+        cfg = load_config(CONFIGS / config, ["model.image_shape=[3,8,8]", "optim.warmup_steps=1"])
+        eager, _ = _train(cfg, compiled=False)
+        compiled, new_graphs = _train(cfg, compiled=True)
     finally:
         torch.set_num_threads(threads)
         torch._dynamo.reset()
@@ -75,7 +74,7 @@ def test_compiled_training_matches_eager_and_does_not_recompile(config):
     assert eager[0] != eager[-1]  # the steps trained (the comparison is not of one fixed forward)
 
 
-def test_compile_refuses_invertible_memory_and_auto_stays_eager_on_cpu():
+def test_compile_refuses_invertible_memory_only_and_auto_stays_eager_on_cpu():
     cfg = load_config(CONFIGS / "tiny.yaml", ["model.memory=invertible", "run.compile=true"])
     with pytest.raises(ValueError, match="run.compile: true cannot be used: model.memory=invertible"):
         choose_settings("cuda", cfg)
@@ -85,8 +84,4 @@ def test_compile_refuses_invertible_memory_and_auto_stays_eager_on_cpu():
     plain = load_config(CONFIGS / "tiny.yaml")
     assert choose_settings("cuda", plain).compile and not choose_settings("cpu", plain).compile
     dense = load_config(CONFIGS / "tiny_denseflow.yaml")
-    assert not choose_settings("cuda", dense).compile
-    with pytest.raises(ValueError, match="model.base=denseflow compiled with inductor"):
-        choose_settings(
-            "cuda", dense.model_copy(update={"run": dense.run.model_copy(update={"compile": True})})
-        )
+    assert choose_settings("cuda", dense).compile and not choose_settings("cpu", dense).compile
