@@ -67,7 +67,9 @@ def build_ours(args: argparse.Namespace, split_prior: str, *, compiled: bool = F
         return training_loss(model.bits_per_dim(x_uint8), model.regularization(), SIGMA)
 
     if compiled:  # torch.compile of the training objective (forward + its backward via AOTAutograd)
-        compiled_fn = torch.compile(loss_fn)
+        # fallback_random as pipeline/device_settings.py COMPILE_OPTIONS (eager's draws), unless
+        # --inductor-rng measures inductor's own in-kernel Philox draws instead.
+        compiled_fn = torch.compile(loss_fn, options={"fallback_random": not args.inductor_rng})
         start = time.perf_counter()
         compiled_fn(images(args).to(args.device)).backward()  # compiles here, outside the timed rounds
         model.zero_grad(set_to_none=True)
@@ -188,7 +190,7 @@ def peak_memory(args: argparse.Namespace, name: str) -> dict[str, float]:
         if getattr(args, key) is None:
             continue
         argv += [f"--{key}", str(getattr(args, key))]
-    return run_child(__file__, argv)
+    return run_child(__file__, argv + (["--inductor-rng"] if args.inductor_rng else []))
 
 
 def main() -> None:
@@ -204,6 +206,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every model")
     parser.add_argument(
         "--no-compile", action="store_true", help="skip the torch.compile row (minutes to compile on a CPU)"
+    )
+    parser.add_argument(
+        "--inductor-rng",
+        action="store_true",
+        help="compile with inductor's Philox draws (fallback_random=False), not the training's eager draws",
     )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     dense.add_arguments(parser)
@@ -223,7 +230,8 @@ def main() -> None:
     print(
         f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
         f"L={args.levels} K={args.steps} hidden={args.hidden} batch={args.batch} "
-        f"image=3x{args.size}x{args.size}"
+        f"image=3x{args.size}x{args.size} "
+        f"compiled rng={'inductor' if args.inductor_rng else 'eager (fallback_random)'}"
     )
     times = {n: statistics.median(t) for n, t in time_steps(args, names).items()}
     memory = {n: peak_memory(args, n) for n in names}
