@@ -45,7 +45,7 @@ class GpuConfig(ConfigModel):
     fused_optimizer: bool = True
 
 
-# Why a memory mode or base cannot be compiled (run.compile: true refuses it; auto leaves it eager).
+# Why a memory mode cannot be compiled (run.compile: true refuses it; auto leaves it eager).
 COMPILE_REFUSED_MEMORY = {
     "invertible": (
         "model.memory=invertible rebuilds activations in a custom autograd.Function whose backward "
