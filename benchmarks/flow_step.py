@@ -27,6 +27,7 @@ Step-time ratios are per round (ours / theirs in the same round), reported as me
 ``ours-gaussian-compiled`` is the same model with ``torch.compile`` of the training objective
 (flows/objective.py ``training_loss`` of bits/dim and the regulariser; the backward is compiled by
 AOTAutograd): compiled once before the timed rounds (minutes on a 2-core CPU; ``--no-compile`` skips).
+Its random draws are inductor's, as in training; ``--eager-rng`` compiles with ``fallback_random``.
 """
 
 from __future__ import annotations
@@ -67,9 +68,9 @@ def build_ours(args: argparse.Namespace, split_prior: str, *, compiled: bool = F
         return training_loss(model.bits_per_dim(x_uint8), model.regularization(), SIGMA)
 
     if compiled:  # torch.compile of the training objective (forward + its backward via AOTAutograd)
-        # fallback_random as pipeline/device_settings.py COMPILE_OPTIONS (eager's draws), unless
-        # --inductor-rng measures inductor's own in-kernel Philox draws instead.
-        compiled_fn = torch.compile(loss_fn, options={"fallback_random": not args.inductor_rng})
+        # Inductor's own random draws, as the training's compile_objective; --eager-rng times
+        # fallback_random (eager's draws, what tests/unit/test_compile.py uses).
+        compiled_fn = torch.compile(loss_fn, options={"fallback_random": args.eager_rng})
         start = time.perf_counter()
         compiled_fn(images(args).to(args.device)).backward()  # compiles here, outside the timed rounds
         model.zero_grad(set_to_none=True)
@@ -190,7 +191,7 @@ def peak_memory(args: argparse.Namespace, name: str) -> dict[str, float]:
         if getattr(args, key) is None:
             continue
         argv += [f"--{key}", str(getattr(args, key))]
-    return run_child(__file__, argv + (["--inductor-rng"] if args.inductor_rng else []))
+    return run_child(__file__, argv + (["--eager-rng"] if args.eager_rng else []))
 
 
 def main() -> None:
@@ -208,9 +209,9 @@ def main() -> None:
         "--no-compile", action="store_true", help="skip the torch.compile row (minutes to compile on a CPU)"
     )
     parser.add_argument(
-        "--inductor-rng",
+        "--eager-rng",
         action="store_true",
-        help="compile with inductor's Philox draws (fallback_random=False), not the training's eager draws",
+        help="compile with fallback_random (eager's random draws), not the training's inductor draws",
     )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     dense.add_arguments(parser)
@@ -231,7 +232,7 @@ def main() -> None:
         f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
         f"L={args.levels} K={args.steps} hidden={args.hidden} batch={args.batch} "
         f"image=3x{args.size}x{args.size} "
-        f"compiled rng={'inductor' if args.inductor_rng else 'eager (fallback_random)'}"
+        f"compiled rng={'eager (fallback_random)' if args.eager_rng else 'inductor'}"
     )
     times = {n: statistics.median(t) for n, t in time_steps(args, names).items()}
     memory = {n: peak_memory(args, n) for n in names}

@@ -53,12 +53,6 @@ COMPILE_REFUSED_MEMORY = {
         "it. Use model.memory=checkpoint or standard with run.compile"
     ),
 }
-# Inductor options of every compiled objective. ``fallback_random``: random ops (dequantization
-# noise, DenseFlow's cross-unit noise) run as eager's kernels on eager's generator, in program order,
-# instead of inductor's in-kernel Philox draws; a compiled run then sees the same noise as an eager
-# run of the same seed, so compiled and eager runs (and the tests comparing them) are comparable.
-# The cost is one unfused kernel per draw: 1 per step for Glow, 1 + sum(units - 1) for DenseFlow.
-COMPILE_OPTIONS = {"fallback_random": True}
 
 
 def compile_refusal(cfg) -> str | None:
@@ -134,12 +128,16 @@ def compile_objective(objective: nn.Module, settings: DeviceSettings) -> nn.Modu
     Compiling the DDP module lets dynamo's DDPOptimizer split the graph at gradient-bucket
     boundaries, so the all-reduce still overlaps backward. Compilation happens lazily, on the first
     step; ``FirstStepClock`` logs how long that took. Inductor's cache: $TORCHINDUCTOR_CACHE_DIR
-    (default /tmp/torchinductor_$USER), reused by later runs with the same graphs. Inductor options:
-    ``COMPILE_OPTIONS`` (eager's random draws).
+    (default /tmp/torchinductor_$USER), reused by later runs with the same graphs.
+
+    Random draws (dequantization and DenseFlow's cross-unit noise) are inductor's own, fused into
+    its kernels: same distribution as eager's, different numbers for the same seed. Tests comparing
+    compiled with eager set ``torch._inductor.config.fallback_random = True`` (eager's draws), which
+    made the Glow step about 1.25x slower on an H200 (docs/operations.md, GPU throughput).
     """
     if not settings.compile:
         return objective
-    return torch.compile(objective, options=COMPILE_OPTIONS)
+    return torch.compile(objective)
 
 
 class FirstStepClock:
