@@ -1,9 +1,10 @@
 """run.compile: compiled and eager training agree, and later steps reuse the first step's graphs.
 
-Inductor's CPU backend (gcc) compiles the tiny Glow (EIW split) and the tiny DenseFlow at 8x8: about
-a minute each on a 2-core machine (several on a loaded one), so these are the only compiled training
-tests. ``fallback_random`` makes inductor draw the dequantization and cross-unit noise with eager's
-generator (training runs keep inductor's faster draws), so both runs see the same noise.
+Inductor's CPU backend (gcc) compiles the tiny Glow (EIW split) and the tiny DenseFlow at 8x8: 136 s
+and 110 s with a cold inductor cache on the shared 2-core VM at load 7-10 (seconds with a warm one),
+so these are the only compiled training tests. ``fallback_random`` makes inductor draw the
+dequantization and cross-unit noise with eager's generator (training runs keep inductor's faster
+draws), so both runs see the same noise.
 """
 
 from __future__ import annotations
