@@ -27,6 +27,7 @@ Step-time ratios are per round (ours / theirs in the same round), reported as me
 ``ours-gaussian-compiled`` is the same model with ``torch.compile`` of the training objective
 (flows/objective.py ``training_loss`` of bits/dim and the regulariser; the backward is compiled by
 AOTAutograd): compiled once before the timed rounds (minutes on a 2-core CPU; ``--no-compile`` skips).
+Its random draws are inductor's, as in training; ``--eager-rng`` compiles with ``fallback_random``.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def build_ours(args: argparse.Namespace, split_prior: str, *, compiled: bool = F
         return training_loss(model.bits_per_dim(x_uint8), model.regularization(), SIGMA)
 
     if compiled:  # torch.compile of the training objective (forward + its backward via AOTAutograd)
-        compiled_fn = torch.compile(loss_fn)
+        # Inductor's own random draws, as the training's compile_objective; --eager-rng times
+        # fallback_random (eager's draws, what tests/unit/test_compile.py uses).
+        compiled_fn = torch.compile(loss_fn, options={"fallback_random": args.eager_rng})
         start = time.perf_counter()
         compiled_fn(images(args).to(args.device)).backward()  # compiles here, outside the timed rounds
         model.zero_grad(set_to_none=True)
@@ -182,7 +185,8 @@ def peak_memory(args: argparse.Namespace, name: str) -> dict[str, float]:
     argv = ["--child", name, "--device", args.device]
     if args.denseflow:
         return run_child(__spec__.name, argv + dense.child_argv(args))
-    return run_child(__spec__.name, argv + forward_options(args, CHILD_OPTIONS))
+    rng = ["--eager-rng"] if args.eager_rng else []
+    return run_child(__spec__.name, argv + forward_options(args, CHILD_OPTIONS) + rng)
 
 
 def main() -> None:
@@ -198,6 +202,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every model")
     parser.add_argument(
         "--no-compile", action="store_true", help="skip the torch.compile row (minutes to compile on a CPU)"
+    )
+    parser.add_argument(
+        "--eager-rng",
+        action="store_true",
+        help="compile with fallback_random (eager's random draws), not the training's inductor draws",
     )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     dense.add_arguments(parser)
@@ -217,6 +226,7 @@ def main() -> None:
         setup_line(
             args, L=args.levels, K=args.steps, hidden=args.hidden, batch=args.batch,
             image=f"3x{args.size}x{args.size}",
+            compiled_rng="eager (fallback_random)" if args.eager_rng else "inductor",
         )
     )
     times = {n: statistics.median(t) for n, t in time_steps(args, names).items()}

@@ -45,7 +45,7 @@ class GpuConfig(ConfigModel):
     fused_optimizer: bool = True
 
 
-# Why a memory mode or base cannot be compiled (run.compile: true refuses it; auto leaves it eager).
+# Why a memory mode cannot be compiled (run.compile: true refuses it; auto leaves it eager).
 COMPILE_REFUSED_MEMORY = {
     "invertible": (
         "model.memory=invertible rebuilds activations in a custom autograd.Function whose backward "
@@ -53,18 +53,11 @@ COMPILE_REFUSED_MEMORY = {
         "it. Use model.memory=checkpoint or standard with run.compile"
     ),
 }
-COMPILE_REFUSED_BASE = {
-    "denseflow": (
-        "model.base=denseflow compiled with inductor gave bits/dim up to 5.7e-2 per image (3.6e-2 on "
-        "the mean) from eager on the same noise (tiny DenseFlow, CPU; aot_eager matches exactly): not "
-        "trusted until explained (docs/operations.md, GPU throughput)"
-    ),
-}
 
 
 def compile_refusal(cfg) -> str | None:
     """Why ``cfg`` cannot be compiled, or None."""
-    return COMPILE_REFUSED_MEMORY.get(cfg.model.memory) or COMPILE_REFUSED_BASE.get(cfg.model.base)
+    return COMPILE_REFUSED_MEMORY.get(cfg.model.memory)
 
 
 @dataclass(frozen=True)
@@ -86,7 +79,7 @@ class DeviceSettings:
 
 def choose_settings(device_type: str, cfg) -> DeviceSettings:
     """(device type, TrainConfig) -> the settings this run uses. ValueError for ``run.compile: true``
-    with a memory mode or base that cannot be compiled (the reason named)."""
+    with a memory mode that cannot be compiled (the reason named)."""
     cuda = device_type == "cuda"
     gpu = cfg.gpu
     refused = compile_refusal(cfg)
@@ -136,6 +129,11 @@ def compile_objective(objective: nn.Module, settings: DeviceSettings) -> nn.Modu
     boundaries, so the all-reduce still overlaps backward. Compilation happens lazily, on the first
     step; ``FirstStepClock`` logs how long that took. Inductor's cache: $TORCHINDUCTOR_CACHE_DIR
     (default /tmp/torchinductor_$USER), reused by later runs with the same graphs.
+
+    Random draws (dequantization and DenseFlow's cross-unit noise) are inductor's own, fused into
+    its kernels: same distribution as eager's, different numbers for the same seed. Tests comparing
+    compiled with eager set ``torch._inductor.config.fallback_random = True`` (eager's draws), which
+    made the Glow step about 1.25x slower on an H200 (docs/operations.md, GPU throughput).
     """
     if not settings.compile:
         return objective

@@ -122,7 +122,11 @@ class InvertibleDenseBlock(Bijection):
 
     @staticmethod
     def _sample_noise(i: int, mu: Tensor, log_scale: Tensor) -> tuple[Tensor, Tensor]:
-        eps = torch.randn_like(mu)
+        # Drawn contiguous, not ``randn_like(mu)``: randn_like keeps mu's memory format, and mu (a
+        # channel slice of a conv output) is channels-last when inductor or ``gpu.channels_last``
+        # lays the conv out NHWC; the same draws would then land at permuted (c, h, w) positions and
+        # compiled and eager runs of one seed would see different noise (issue 20).
+        eps = torch.randn(mu.shape, dtype=mu.dtype, device=mu.device)
         return mu + torch.exp(log_scale) * eps, eps
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

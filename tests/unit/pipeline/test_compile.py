@@ -1,9 +1,10 @@
 """run.compile: compiled and eager training agree, and later steps reuse the first step's graphs.
 
-Inductor's CPU backend (gcc) compiles the tiny Glow (EIW split): a minute or two on a 2-core machine
-(six on a loaded one), so this is the only compiled training test. ``fallback_random`` makes inductor
-draw the dequantization noise with eager's generator, so both runs see the same noise. DenseFlow is
-refused (``COMPILE_REFUSED_BASE``): inductor moved its bits/dim by up to 5.7e-2 on the same noise.
+Inductor's CPU backend (gcc) compiles the tiny Glow (EIW split) and the tiny DenseFlow at 8x8: 136 s
+and 110 s with a cold inductor cache on the shared 2-core VM at load 7-10 (seconds with a warm one),
+so these are the only compiled training tests. ``fallback_random`` makes inductor draw the
+dequantization and cross-unit noise with eager's generator (training runs keep inductor's faster
+draws), so both runs see the same noise.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _train(cfg, *, compiled: bool) -> tuple[list[float], int]:
     return values, counters["stats"]["unique_graphs"] - graphs_after_first
 
 
-@pytest.mark.parametrize("config", ["tiny.yaml"])
+@pytest.mark.parametrize("config", ["tiny.yaml", "tiny_denseflow.yaml"])
 def test_compiled_training_matches_eager_and_does_not_recompile(config):
     torch._dynamo.reset()
     threads = torch.get_num_threads()
@@ -75,7 +76,7 @@ def test_compiled_training_matches_eager_and_does_not_recompile(config):
     assert eager[0] != eager[-1]  # the steps trained (the comparison is not of one fixed forward)
 
 
-def test_compile_refuses_invertible_memory_and_auto_stays_eager_on_cpu():
+def test_compile_refuses_invertible_memory_only_and_auto_stays_eager_on_cpu():
     cfg = load_config(CONFIGS / "tiny.yaml", ["model.memory=invertible", "run.compile=true"])
     with pytest.raises(ValueError, match="run.compile: true cannot be used: model.memory=invertible"):
         choose_settings("cuda", cfg)
@@ -85,8 +86,4 @@ def test_compile_refuses_invertible_memory_and_auto_stays_eager_on_cpu():
     plain = load_config(CONFIGS / "tiny.yaml")
     assert choose_settings("cuda", plain).compile and not choose_settings("cpu", plain).compile
     dense = load_config(CONFIGS / "tiny_denseflow.yaml")
-    assert not choose_settings("cuda", dense).compile
-    with pytest.raises(ValueError, match="model.base=denseflow compiled with inductor"):
-        choose_settings(
-            "cuda", dense.model_copy(update={"run": dense.run.model_copy(update={"compile": True})})
-        )
+    assert choose_settings("cuda", dense).compile and not choose_settings("cpu", dense).compile
