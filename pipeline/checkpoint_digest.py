@@ -16,30 +16,22 @@ is a mismatch.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
 from pathlib import Path
 
+from data_prep.writer import sha256_file
+
 log = logging.getLogger(__name__)
 
 DIGEST_FILE = "state.pt.sha256"
-_CHUNK = 1 << 20
 _LINE = re.compile(r"^(?P<hex>[0-9a-f]{64})  state\.pt\n?$")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_digest(directory: Path, state_file: str = "state.pt") -> None:
     """Write ``directory/state.pt.sha256`` (sha256sum's format) for ``directory/state.pt``, atomically."""
-    digest = file_sha256(directory / state_file)
+    digest = sha256_file(directory / state_file)
     path = directory / DIGEST_FILE
     tmp = path.with_name(f".tmp-{DIGEST_FILE}.{os.getpid()}")
     with open(tmp, "w", encoding="ascii") as f:
@@ -64,7 +56,7 @@ def digest_problem(state_path: Path, digest_path: Path | None = None) -> str | N
         return f"unreadable {DIGEST_FILE} ({exc})"
     if m is None:
         return f"malformed {DIGEST_FILE}"
-    actual = file_sha256(state_path)
+    actual = sha256_file(state_path)
     if actual != m["hex"]:
         return f"content digest mismatch (sha256 {actual[:12]}..., {DIGEST_FILE} says {m['hex'][:12]}...)"
     return None
