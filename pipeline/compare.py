@@ -93,6 +93,7 @@ def run_all(
             seed=seed,
             test_bits_per_dim=result.test_bits_per_dim,
             diagnostics=result.diagnostics,
+            steps=result.step,
         )
         append_run(runs_csv, row)
         rows.append(row)
@@ -151,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference not in comparison.variants:
         print(f"error: --reference: unknown variant {args.reference!r}", file=sys.stderr)
         return 2
-    summary = summarize(rows, list(comparison.variants), reference_variant=args.reference)
+    try:
+        summary = summarize(rows, list(comparison.variants), reference_variant=args.reference)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     table = write_summary(out_dir, comparison.name, summary)
     print(table, end="")
     print(f"written to {out_dir}/{comparison.name}.md and .csv")

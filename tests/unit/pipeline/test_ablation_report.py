@@ -54,3 +54,26 @@ def test_per_run_csv_round_trip_and_merge(tmp_path) -> None:
         read_runs([tmp_path / "bad.csv"])
     with pytest.raises(ValueError, match="missing.csv"):
         read_runs([tmp_path / "missing.csv"])
+
+
+def test_table_shows_each_split_and_the_csv_keeps_the_run_length(tmp_path) -> None:
+    data = rows("static", [4.0, 5.0]) + rows("eiw", [4.1, 5.2], **{"split0/kept_changes": 3.0,
+                                                                   "split1/kept_changes": 40.0})  # fmt: skip
+    summary = {r["variant"]: r for r in summarize(data)}
+    assert summary["eiw"]["kept_changes_per_split"] == [3.0, 40.0]
+    assert summary["eiw"]["kept_changes"] == pytest.approx(21.5)
+    assert "| 3.0 / 40.0 |" in markdown_table(list(summary.values())), "a split's churn is not averaged away"
+    path = tmp_path / "runs.csv"
+    append_run(path, RunRow(variant="static", seed=0, test_bits_per_dim=4.0, steps=1000))
+    append_run(path, RunRow(variant="eiw", seed=0, test_bits_per_dim=4.1))
+    by_variant = {r.variant: r for r in read_runs([path])}
+    assert by_variant["static"].steps == 1000 and by_variant["eiw"].steps is None
+
+
+def test_runs_of_different_lengths_are_not_paired(tmp_path) -> None:
+    short = [RunRow(variant="static", seed=s, test_bits_per_dim=4.0, steps=1000) for s in range(2)]
+    long = [RunRow(variant="eiw", seed=s, test_bits_per_dim=3.9, steps=4000) for s in range(2)]
+    with pytest.raises(ValueError, match="1000 steps: e.g. static seed 0, 4000 steps: e.g. eiw seed 0"):
+        summarize(short + long)
+    legacy = [RunRow(variant="eiw", seed=s, test_bits_per_dim=3.9) for s in range(2)]  # files without steps
+    assert len(summarize(short + legacy)) == 2
