@@ -17,7 +17,7 @@ def test_shipped_comparison_builds_every_variant() -> None:
     assert "static" in comparison.variants
     strategies = {v.get("model.split.strategy") for v in comparison.variants.values()}
     assert strategies == {"static", "lcma", "eiw"}
-    assert {v.get("model.split.lcma_factor_out") for v in comparison.variants.values()} >= {"low", "high"}
+    assert {v.get("model.split.factor_out") for v in comparison.variants.values()} >= {"low", "high"}
     assert {v.get("model.split.regularizer") for v in comparison.variants.values()} >= {"reference", "kl"}
     assert len(comparison.seeds) >= 2
 
