@@ -7,7 +7,8 @@ prints test bits/dim per variant: mean, spread over seeds, and the paired differ
 t-interval, which is what tells a real effect from seed noise, beside the split diagnostics of the
 final models (pipeline/ablation_report.py). Each (variant, seed) is a named run under ``run.root``,
 so an interrupted comparison picks up where it stopped; every finished run is a row of
-``run.root/compare/<name>-runs.csv`` and the table goes to ``run.root/compare/<name>.{md,csv}``.
+``run.root/compare/<name>-runs.csv`` and the table goes to ``run.root/compare/<name>.{md,csv}``, its
+picture of the paired intervals to ``<name>.png`` (pipeline/ablation_plot.py).
 ``--report A.csv B.csv`` trains nothing and tabulates finished runs, e.g. two halves of the seeds run
 as two processes (``--seeds 0 1 run.root=runs/a`` and ``--seeds 2 3 run.root=runs/b``); put config
 overrides before ``--report``.
@@ -23,6 +24,7 @@ from typing import Any
 
 from pydantic import Field
 
+from pipeline.ablation_plot import plot_paired_differences
 from pipeline.ablation_report import RunRow, append_run, read_runs, summarize, write_summary
 from pipeline.config import TrainConfig, load_config, resolve
 from pipeline.config_loading import ConfigModel, Overrides, as_overrides, load_file
@@ -158,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     table = write_summary(out_dir, comparison.name, summary)
+    picture = plot_paired_differences(summary, out_dir / f"{comparison.name}.png", comparison.name)
     print(table, end="")
-    print(f"written to {out_dir}/{comparison.name}.md and .csv")
+    print(f"written to {out_dir}/{comparison.name}.md and .csv" + (" and .png" if picture else ""))
     return 0
 
 

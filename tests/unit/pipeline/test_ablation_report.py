@@ -77,3 +77,13 @@ def test_runs_of_different_lengths_are_not_paired(tmp_path) -> None:
         summarize(short + long)
     legacy = [RunRow(variant="eiw", seed=s, test_bits_per_dim=3.9) for s in range(2)]  # files without steps
     assert len(summarize(short + legacy)) == 2
+
+
+def test_the_picture_draws_every_paired_variant(tmp_path) -> None:
+    from pipeline.ablation_plot import plot_paired_differences
+
+    data = rows("static", [4.0, 5.0, 6.0]) + rows("eiw", [4.1, 5.2, 6.3]) + rows("lcma", [3.9, 5.0, 5.9])
+    path = plot_paired_differences(summarize(data), tmp_path / "cmp.png")
+    assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_paired_differences(summarize(rows("static", [4.0])), tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists(), "nothing paired: no empty picture"

@@ -82,6 +82,7 @@ def test_report_mode_tabulates_finished_runs_from_several_files(tmp_path: Path, 
     # Seeds spread by 1.0 bit/dim, yet every paired difference is exactly -0.1 (interval 0).
     assert "| eiw | 3 | 5.9000 | 1.0000 | -0.1000 ± 0.0000 | 0.500 |" in out
     assert (tmp_path / "runs" / "compare" / "cmp.md").read_text() in out
+    assert (tmp_path / "runs" / "compare" / "cmp.png").stat().st_size > 0, "and its picture"
     assert main(["--config", str(config), "--report", str(tmp_path / "none.csv")]) == 2
     longer = tmp_path / "longer.csv"  # a 4,000-step run must not be paired with 1,000-step ones
     append_run(halves[0], RunRow(variant="static", seed=0, test_bits_per_dim=5.0, steps=1000))
