@@ -32,28 +32,15 @@ from pipeline.config import MlflowConfig
 from pipeline.flow_pyfunc import WEIGHTS_FILE, UnsafeModelFileError
 from pipeline.registry import BPD_TAG, load_flow_model, log_flow_model, register, save_flow_model
 from tests.integration.conftest import START_TIMEOUT_S, _stop, free_port
+from tests.tiny_models import random_images, tiny_flow
 
 pytestmark = pytest.mark.integration
 
 SHAPE = (3, 16, 16)
 
 
-def tiny_flow() -> flows.FlowModel:
-    cfg = flows.FlowConfig(
-        image_shape=SHAPE,
-        num_levels=2,
-        num_steps=2,
-        hidden_channels=8,
-        split=flows.SplitConfig(strategy="eiw"),
-    )
-    model = flows.build_flow(cfg)
-    flows.initialize_actnorm(model, images(8, seed=1))
-    return model.eval()
-
-
 def images(n: int, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, *SHAPE), dtype=torch.uint8, generator=generator)
+    return random_images(n, seed, SHAPE)
 
 
 def bpd(model: flows.FlowModel, x: torch.Tensor, seed: int) -> np.ndarray:
@@ -117,7 +104,7 @@ print("loaded from", sys.modules["pipeline.flow_pyfunc"].__file__)
 
 
 def test_saved_model_loads_and_scores_where_the_project_is_not_importable(bare_venv, tmp_path):
-    model = tiny_flow()
+    model = tiny_flow(shape=SHAPE)
     path = save_flow_model(model, tmp_path / "model", test_bpd=6.0)
     x = images(5, seed=4).numpy()
     np.save(tmp_path / "x.npy", x)
@@ -143,7 +130,7 @@ def test_saved_model_loads_and_scores_where_the_project_is_not_importable(bare_v
 
 @pytest.fixture(scope="module")
 def registered(mlflow_server):
-    model = tiny_flow()
+    model = tiny_flow(shape=SHAPE)
     _, version = log_and_register(mlflow_server, "serving-tiny", model, test_bpd=6.25)
     return model, version
 
@@ -250,7 +237,7 @@ class Payload:
 
 
 def test_tampered_weights_in_the_artifact_store_are_refused(mlflow_server, tmp_path):
-    model_uri, _ = log_and_register(mlflow_server, "serving-tampered", tiny_flow(), test_bpd=7.0)
+    model_uri, _ = log_and_register(mlflow_server, "serving-tampered", tiny_flow(shape=SHAPE), test_bpd=7.0)
     model_id = model_uri.removeprefix("models:/")
     (weights,) = (mlflow_server.root / "artifacts").rglob(f"{model_id}/**/{WEIGHTS_FILE}")
     marker = tmp_path / "ran"

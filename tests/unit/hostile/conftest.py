@@ -12,7 +12,7 @@ def served(tmp_path_factory):
     from mlflow.pyfunc import load_model
 
     from pipeline.registry import save_flow_model
-    from tests.unit.pipeline.test_registry import tiny_flow
+    from tests.tiny_models import tiny_flow
 
     path = save_flow_model(tiny_flow(), tmp_path_factory.mktemp("served") / "model", test_bpd=5.0)
     model = load_model(str(path))

@@ -15,7 +15,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc.scoring_server import invocations
 
-from tests.unit.pipeline.test_registry import SHAPE
+from tests.tiny_models import SHAPE
 
 
 def post(served, pixels, **params) -> tuple[int, str]:

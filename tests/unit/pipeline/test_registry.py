@@ -28,30 +28,8 @@ from pipeline.flow_pyfunc import (
     write_flow_files,
 )
 from pipeline.registry import load_flow_model, save_flow_model
-
-SHAPE = (3, 8, 8)
-
-
-def tiny_flow(strategy: str = "eiw") -> flows.FlowModel:
-    """A trained-looking tiny flow: ActNorm initialised, the EIW order frozen into its buffers."""
-    cfg = flows.FlowConfig(
-        image_shape=SHAPE,
-        num_levels=2,
-        num_steps=2,
-        hidden_channels=8,
-        init_seed=3,
-        split=flows.SplitConfig(strategy=strategy, freeze_after_steps=0),
-    )
-    model = flows.build_flow(cfg)
-    flows.initialize_actnorm(model, images(8, seed=1))
-    model.advance(0)
-    return model.eval()
-
-
-def images(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(
-        0, 256, (n, *SHAPE), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
-    )
+from tests.tiny_models import SHAPE, tiny_flow
+from tests.tiny_models import random_images as images
 
 
 def bpd(model: flows.FlowModel, x: torch.Tensor, seed: int = 3) -> torch.Tensor:
